@@ -1,0 +1,258 @@
+"""Template recipes: how to fill a root tree that becomes a template image.
+
+A recipe only writes files into an empty directory as host root; the store does the rest
+(ownership shift, EROFS image, cache, mounts). So a recipe stays a plain function that is easy to
+read and to test on its own.
+
+Parents: a recipe may name a ``parent``. The store then starts the child's tree from a copy of the
+parent's *built image* (mounted read-only, copied, ownership shifted back) instead of re-running the
+parent's ``populate``. The parent's image is the cache, so ``code-interpreter-v1`` on top of ``base``
+costs a copy (seconds) plus its own step, not another debootstrap. A child's effective version
+includes its parent's, so bumping ``base`` rebuilds its children too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.errors import RuntimeFailure
+
+#: Receives one line of human-readable build output at a time.
+Log = Callable[[str], None]
+#: ``populate(tree, log, cache_dir)``: fill the empty directory ``tree``. ``cache_dir`` is a
+#: persistent directory the recipe may reuse between builds (downloads); it may ignore it.
+Populate = Callable[[Path, Log, Path], None]
+
+USER_UID = 1000
+USER_GID = 1000
+
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_SUITE = "bookworm"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named way to build a template. Bump ``version`` to invalidate cached images."""
+
+    name: str
+    description: str
+    version: str
+    populate: Populate
+    parent: str | None = None
+
+
+# --- shared helpers -----------------------------------------------------------------------------
+
+_HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    os.chmod(path, mode)
+
+
+def _mkdir(path: Path, mode: int = 0o755, owner: tuple[int, int] | None = None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, mode)  # chmod after mkdir: mkdir's mode is filtered by the umask (1777 would not stick)
+    if owner:
+        os.chown(path, *owner)
+
+
+def _need_tool(name: str, package: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeFailure(f"{name} not found on the host; install it with: apt-get install {package}",
+                             step="template build")
+    return found
+
+
+# --- minimal: busybox ---------------------------------------------------------------------------
+
+#: Applets that make no sense in a sandbox root (we are never PID 1 of a machine).
+_SKIP_APPLETS = {"linuxrc", "sbin/init"}
+
+
+def _populate_minimal(tree: Path, log: Log, cache_dir: Path) -> None:
+    """A busybox root: a shell and ~270 applets, no package manager, no Python. Builds in a second."""
+    busybox = Path("/bin/busybox")
+    if not busybox.is_file():
+        raise RuntimeFailure("/bin/busybox not found on the host; install it with: apt-get install busybox-static",
+                             step="template build")
+    listing = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True)
+    if listing.returncode != 0 or not listing.stdout.strip():
+        raise RuntimeFailure("/bin/busybox cannot list its applets (--list-full); install busybox-static",
+                             step="template build")
+
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run", "var/tmp", ".shoal"):
+        _mkdir(tree / d)
+    _mkdir(tree / "tmp", 0o1777)
+    _mkdir(tree / "var/tmp", 0o1777)
+    _mkdir(tree / "root", 0o700)
+    _mkdir(tree / "home", 0o755)
+    _mkdir(tree / "home/user", 0o755, owner=(USER_UID, USER_GID))
+
+    shutil.copyfile(busybox, tree / "bin/busybox")
+    os.chmod(tree / "bin/busybox", 0o755)
+    count = 0
+    for rel in listing.stdout.split():
+        rel = rel.strip("/")
+        if not rel or rel in _SKIP_APPLETS or rel == "bin/busybox" or "/" not in rel:
+            continue
+        link = tree / rel
+        if not link.parent.is_dir() or os.path.lexists(link):
+            continue
+        os.symlink("/bin/busybox", link)
+        count += 1
+    log(f"busybox: {count} applet links")
+
+    _write(tree / "etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
+                                f"user:x:{USER_UID}:{USER_GID}:user:/home/user:/bin/sh\n")
+    _write(tree / "etc/group", f"root:x:0:\nuser:x:{USER_GID}:\n")
+    _write(tree / "etc/hosts", _HOSTS)
+    _write(tree / "etc/resolv.conf", "")
+    _write(tree / "etc/hostname", "sandbox\n")
+
+
+# --- base: Debian bookworm ----------------------------------------------------------------------
+
+_BASE_PACKAGES = ["bash", "coreutils", "python3", "python3-pip", "python3-venv", "git", "curl",
+                  "ca-certificates", "procps", "sudo"]
+
+#: Removed after debootstrap: nothing in a sandbox reads them, and they are ~25% of the tree.
+#: ``dev`` too: the runtime mounts its own /dev, so the image carries no device nodes.
+_TRIM = ["var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
+         "usr/share/locale", "usr/share/info", "dev"]
+
+
+def debian_mirror() -> str:
+    """The host's Debian mirror for ``bookworm`` (so builds work behind a local mirror), else deb.debian.org.
+
+    ``SHOAL_DEBIAN_MIRROR`` overrides. Only entries for the bookworm suite itself count, so an
+    Ubuntu host (or a -security entry) falls back to the default.
+    """
+    override = os.environ.get("SHOAL_DEBIAN_MIRROR")
+    if override:
+        return override
+    for sources in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        try:
+            text = sources.read_text()
+        except OSError:
+            continue
+        for stanza in text.split("\n\n"):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if ":" in line and not line.lstrip().startswith("#") and not line.startswith((" ", "\t")):
+                    key, _, value = line.partition(":")
+                    fields[key.strip().lower()] = value.strip()
+            if ("deb" in fields.get("types", "").split() and DEBIAN_SUITE in fields.get("suites", "").split()
+                    and fields.get("uris") and fields.get("enabled", "yes").lower() != "no"):
+                return fields["uris"].split()[0]
+    try:
+        lines = Path("/etc/apt/sources.list").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        words = [w for w in line.split("#", 1)[0].split() if not (w.startswith("[") or w.endswith("]"))]
+        if len(words) >= 3 and words[0] == "deb" and words[2] == DEBIAN_SUITE:
+            return words[1]
+    return DEFAULT_MIRROR
+
+
+def _run_streaming(cmd: list[str], log: Log, what: str) -> None:
+    """Run ``cmd``, handing each output line to ``log`` as it comes (debootstrap takes a minute)."""
+    tail: deque[str] = deque(maxlen=5)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True, errors="replace")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            tail.append(line)
+            log(line)
+    rc = proc.wait()
+    if rc != 0:
+        last = tail[-1] if tail else "no output"
+        raise RuntimeFailure(f"{what} failed with exit code {rc}: {last}", step="template build")
+
+
+def _add_user(tree: Path) -> None:
+    """Add ``user`` (1000:1000, bash, passwordless sudo) by editing the files, without chroot."""
+    etc = tree / "etc"
+
+    def append(name: str, line: str) -> None:
+        path = etc / name
+        text = path.read_text() if path.exists() else ""
+        if not any(entry.split(":", 1)[0] == "user" for entry in text.splitlines()):
+            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+            path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + line + "\n")
+            os.chmod(path, mode)
+
+    append("passwd", f"user:x:{USER_UID}:{USER_GID}:user:/home/user:/bin/bash")
+    append("group", f"user:x:{USER_GID}:")
+    append("shadow", "user:*:19000:0:99999:7:::")
+    append("gshadow", "user:!::")
+    home = tree / "home/user"
+    _mkdir(home, 0o755)
+    skel = etc / "skel"
+    if skel.is_dir():
+        shutil.copytree(skel, home, symlinks=True, dirs_exist_ok=True)
+    for root, dirs, files in os.walk(home):
+        for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+            os.lchown(name, USER_UID, USER_GID)
+    _write(etc / "sudoers.d/user", "user ALL=(ALL) NOPASSWD:ALL\n", 0o440)
+
+
+def _populate_base(tree: Path, log: Log, cache_dir: Path) -> None:
+    """Debian bookworm minbase + Python, git, curl, sudo: the everyday agent sandbox."""
+    debootstrap = _need_tool("debootstrap", "debootstrap")
+    mirror = debian_mirror()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log(f"debootstrap {DEBIAN_SUITE} from {mirror}")
+    _run_streaming([debootstrap, "--variant=minbase", f"--include={','.join(_BASE_PACKAGES)}",
+                    f"--cache-dir={cache_dir}", DEBIAN_SUITE, str(tree), mirror], log, "debootstrap")
+
+    log("trimming apt cache, docs, man pages, locales")
+    for rel in _TRIM:
+        path = tree / rel
+        if path.is_dir() and not path.is_symlink():
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+    for leftover in [*(tree / "var/cache/apt").glob("*.bin"), *(tree / "var/cache/debconf").glob("*-old")]:
+        leftover.unlink()
+    for root, _dirs, files in os.walk(tree / "var/log"):  # keep the directories: apt and dpkg expect them
+        for name in files:
+            os.unlink(os.path.join(root, name))
+    shutil.rmtree(tree / "debootstrap", ignore_errors=True)  # left behind only by a failed run
+
+    _add_user(tree)
+    _write(tree / "etc/hosts", _HOSTS)
+    _write(tree / "etc/resolv.conf", "")
+    _write(tree / "etc/hostname", "sandbox\n")
+    _write(tree / "etc/machine-id", "", 0o444)
+    # PEP 668: without this, `pip install` refuses to run; a sandbox is the place to let agents do it.
+    for marker in (tree / "usr/lib").glob("python3*/EXTERNALLY-MANAGED"):
+        marker.unlink()
+    _mkdir(tree / ".shoal")
+    _mkdir(tree / "tmp", 0o1777)
+
+
+#: Every recipe by name. To add one (e.g. ``code-interpreter-v1`` = base + pip packages), write a
+#: populate function and register ``Recipe(..., parent="base")`` here.
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("minimal", "busybox shell and applets, no Python (builds in seconds)", "1", _populate_minimal),
+        Recipe("base", "Debian 12 (bookworm) minbase with bash, python3, pip, venv, git, curl, sudo",
+               "1", _populate_base),
+    )
+}

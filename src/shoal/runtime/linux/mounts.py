@@ -1,0 +1,80 @@
+"""mount(2) and umount2(2) through libc, and reading the host's mount table.
+
+Why not mount(8): it silently sets up a loop device for a file-backed EROFS image (12 ms cold
+instead of 1.4 ms straight from the file, see host-facts), and it forks a process per call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from pathlib import Path
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def mount(source: str | os.PathLike, target: str | os.PathLike, fstype: str, flags: int = 0,
+          data: str = "") -> None:
+    """Mount ``source`` on ``target``; raise OSError with the kernel's errno on failure."""
+    rc = _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags,
+                     data.encode() if data else None)
+    if rc != 0:
+        no = ctypes.get_errno()
+        raise OSError(no, f"mount {fstype} on {target}: {os.strerror(no)}")
+
+
+def umount(target: str | os.PathLike, lazy: bool = False) -> bool:
+    """Unmount ``target``; return False if nothing was mounted there (EINVAL/ENOENT)."""
+    rc = _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0)
+    if rc == 0:
+        return True
+    no = ctypes.get_errno()
+    if no in (errno.EINVAL, errno.ENOENT):  # not a mount point, or gone: already clean
+        return False
+    if no == errno.EBUSY and not lazy:
+        return umount(target, lazy=True)
+    raise OSError(no, f"umount {target}: {os.strerror(no)}")
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def mounts_under(prefix: Path) -> list[Path]:
+    """Every mount point at or below ``prefix``, deepest first (the order to unmount them in)."""
+    base = str(prefix).rstrip("/")
+    found: list[Path] = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = _unescape(line.split()[4])
+            if point == base or point.startswith(base + "/"):
+                found.append(Path(point))
+    found.sort(key=lambda p: len(p.parts), reverse=True)
+    return found
+
+
+def is_mounted(path: Path) -> bool:
+    """True if ``path`` itself is a mount point."""
+    return Path(path) in mounts_under(Path(path))
+
+
+def umount_tree(prefix: Path) -> None:
+    """Unmount everything at or below ``prefix`` (repeatedly, as stacked mounts may hide others)."""
+    for _ in range(4):
+        points = mounts_under(prefix)
+        if not points:
+            return
+        for point in points:
+            umount(point)
