@@ -37,8 +37,7 @@ def _event_type(mask: int) -> str:
 class Inotify:
     def __init__(self) -> None:
         import ctypes
-        import ctypes.util
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)  # the runtime's own libc, via --library-path
         self._add = libc.inotify_add_watch
         self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
         self._ctypes = ctypes

@@ -1,0 +1,6 @@
+"""Sandbox lifecycle on one host: create, use, destroy, reconcile."""
+
+from shoal.engine.engine import Engine
+from shoal.engine.models import SandboxRecord, SandboxState
+
+__all__ = ["Engine", "SandboxRecord", "SandboxState"]

@@ -191,8 +191,7 @@ class TemplateStore:
             except OSError as err:
                 report(f"build of '{name}' failed; log in {tdir / LOG_NAME}", None)
                 raise RuntimeFailure(f"building template '{name}' failed: {err}", step="template build") from err
-            if force:
-                self._refresh_mount(name, info.digest)
+            self._refresh_mount(name, info.digest)  # a mount of the image just replaced is stale
             report(f"done: {name} {size / 2**20:.1f} MiB in {time.monotonic() - started:.1f} s", 1.0)
             return self.get(name)
 
@@ -241,8 +240,8 @@ class TemplateStore:
         shift_ownership(tree, -self.settings.uid_base)
 
     def _refresh_mount(self, name: str, digest: str) -> None:
-        """After a forced rebuild at the same version, drop the old mount so the next mount() sees
-        the new image. Sandboxes on the old one keep it: a busy mount is only detached."""
+        """After a rebuild at the same digest (forced, or a new uid_base), drop the old mount so the
+        next mount() sees the new image. Sandboxes on the old one keep it: a busy mount is only detached."""
         point = self._mount_point(name, digest)
         with _flock(self._mount_lock(name)):
             try:

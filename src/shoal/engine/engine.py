@@ -1,0 +1,187 @@
+"""The engine: sandbox lifecycle on one host, independent of HTTP and of kernels.
+
+Its public actions are ``create``, ``get``, ``list``, ``agent`` (the channel for exec and files),
+``destroy`` and ``reconcile``. Each names the states it is allowed in. The store is written before
+the host is touched (state ``creating``, with the owning pid), so a reconcile running in another
+process never mistakes a sandbox being born for a leak.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Iterator
+
+from shoal.engine.models import TRANSITIONS, SandboxRecord, SandboxState, new_sandbox_id, valid_sandbox_id
+from shoal.engine.store import Store
+from shoal.errors import InvalidRequest, InvalidTransition, NotFound, ShoalError
+from shoal.images import TemplateStore
+from shoal.runtime.agent_client import AgentClient, ExecResult
+from shoal.runtime.base import Runtime, SandboxSpec
+from shoal.settings import Settings
+
+Progress = Callable[[str, float | None], None]
+
+LIMITS = {"cpu": (0.05, 64.0), "memory_mb": (16, 256 * 1024), "disk_mb": (16, 1024 * 1024)}
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot): tells a live owner from pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Engine:
+    """Sandboxes on this host. Thread-safe; several processes may use the same state at once."""
+
+    def __init__(self, settings: Settings | None = None, runtime: Runtime | None = None,
+                 templates: TemplateStore | None = None) -> None:
+        self.settings = settings or Settings()
+        if os.geteuid() != 0:
+            raise InvalidRequest("Shoal needs root to create namespaces, cgroups and mounts (run it with sudo)")
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.templates = templates or TemplateStore(self.settings)
+        if runtime is None:
+            from shoal.runtime.linux.runtime import LinuxRuntime
+            runtime = LinuxRuntime(self.settings)
+        self.runtime = runtime
+        self.store = Store(self.settings.db_path)
+
+    # --- actions ---------------------------------------------------------------------------
+    def create(self, template: str = "minimal", *, cpu: float = 1.0, memory_mb: int = 512, disk_mb: int = 1024,
+               env: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
+               owner_pid: int | None = None, build: bool = True, progress: Progress | None = None,
+               wait: bool = False) -> SandboxRecord:
+        """Create a running sandbox from ``template``.
+
+        ``owner_pid`` makes it ephemeral: reconcile deletes it once that process is gone.
+        A known but unbuilt template is built first when ``build`` (with ``progress``).
+        ``wait`` returns only once the agent answers (otherwise the first call waits for it).
+        """
+        for name, value in (("cpu", cpu), ("memory_mb", memory_mb), ("disk_mb", disk_mb)):
+            lo, hi = LIMITS[name]
+            if not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise InvalidRequest(f"{name} must be between {lo} and {hi}, not {value!r}")
+        for k, v in (env or {}).items():
+            if not isinstance(k, str) or not k or "=" in k or "\0" in k or not isinstance(v, str) or "\0" in v:
+                raise InvalidRequest(f"invalid environment variable {k!r}")
+        info = self.templates.get(template)  # NotFound for unknown names
+        if not info.built:
+            if not build:
+                raise NotFound(f"template '{template}' is not built; run: shoal template build {template}")
+            self.templates.build(template, progress=progress)
+        lower = self.templates.mount(template)
+        rec = SandboxRecord(
+            id=new_sandbox_id(), template=template, state=SandboxState.CREATING, cpu=float(cpu),
+            memory_mb=int(memory_mb), disk_mb=int(disk_mb), created_at=time.time(), runtime=self.runtime.name,
+            env=dict(env or {}), metadata=dict(metadata or {}), owner_pid=owner_pid or os.getpid(),
+            owner_start=process_start_time(owner_pid or os.getpid()),
+        )
+        self.store.put(rec)
+        try:
+            self.runtime.create(SandboxSpec(rec.id, template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
+                                            env=rec.env))
+        except BaseException:
+            self.store.delete(rec.id)
+            raise
+        rec.state = SandboxState.RUNNING
+        if owner_pid is None:  # persistent: nobody owns it once it runs
+            rec.owner_pid = rec.owner_start = None
+        self.store.put(rec)
+        if wait:
+            self.agent(rec.id).wait_ready()
+        return rec
+
+    def get(self, sandbox_id: str) -> SandboxRecord:
+        """Any state."""
+        rec = self.store.get(sandbox_id) if valid_sandbox_id(sandbox_id) else None
+        if rec is None:
+            raise NotFound(f"sandbox {sandbox_id} does not exist")
+        return rec
+
+    def list(self) -> list[SandboxRecord]:
+        return self.store.all()
+
+    def agent(self, sandbox_id: str) -> AgentClient:
+        """The exec/files channel of a RUNNING sandbox."""
+        rec = self.get(sandbox_id)
+        if rec.state is not SandboxState.RUNNING:
+            raise InvalidTransition(rec.state.value, "use", sandbox_id)
+        return AgentClient(str(self.runtime.agent_socket(sandbox_id)), sandbox_id)
+
+    def run(self, sandbox_id: str, cmd: list[str], **kwargs: object) -> ExecResult:
+        return self.agent(sandbox_id).run(cmd, **kwargs)  # type: ignore[arg-type]
+
+    def destroy(self, sandbox_id: str) -> None:
+        """Any state but DELETED; frees every host resource even if a step fails."""
+        rec = self.get(sandbox_id)
+        self._move(rec, SandboxState.STOPPING)
+        try:
+            self.runtime.destroy(sandbox_id)
+        finally:
+            self.store.delete(sandbox_id)
+
+    def _move(self, rec: SandboxRecord, to: SandboxState) -> None:
+        if to not in TRANSITIONS[rec.state] and rec.state is not to:
+            raise InvalidTransition(rec.state.value, f"move to {to.value}", rec.id)
+        rec.state = to
+        self.store.set_state(rec.id, to)
+
+    # --- recovery --------------------------------------------------------------------------
+    @contextmanager
+    def _reconcile_lock(self) -> Iterator[bool]:
+        fd = os.open(self.settings.state_dir / "reconcile.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def _owner_alive(self, rec: SandboxRecord) -> bool:
+        if rec.owner_pid is None:
+            return False
+        return process_start_time(rec.owner_pid) == rec.owner_start
+
+    def reconcile(self) -> list[str]:
+        """Delete what a crashed process left: sandboxes whose owner died or whose agent is gone,
+        and host resources no record explains. Returns the ids cleaned up."""
+        cleaned: list[str] = []
+        with self._reconcile_lock() as mine:
+            if not mine:
+                return cleaned  # another process is reconciling right now
+            known = {}
+            for rec in self.store.all():
+                known[rec.id] = rec
+                if rec.state is SandboxState.CREATING:
+                    dead = not self._owner_alive(rec)  # its creator died mid-way
+                elif rec.state is SandboxState.STOPPING:
+                    dead = True  # destroy is idempotent: finish what a crashed destroy started
+                elif rec.owner_pid is not None and not self._owner_alive(rec):
+                    dead = True  # an ephemeral sandbox (shoal run) whose owner is gone
+                else:
+                    dead = rec.state is SandboxState.RUNNING and not self.runtime.is_alive(rec.id)
+                if dead:
+                    self._force_destroy(rec.id)
+                    cleaned.append(rec.id)
+            for sid in self.runtime.existing() - set(known):
+                self._force_destroy(sid)
+                cleaned.append(sid)
+        return cleaned
+
+    def _force_destroy(self, sandbox_id: str) -> None:
+        try:
+            self.runtime.destroy(sandbox_id)
+        except ShoalError:
+            pass
+        self.store.delete(sandbox_id)

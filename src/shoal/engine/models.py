@@ -1,0 +1,65 @@
+"""The engine's vocabulary: sandbox states, the moves between them, and the sandbox record."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import string
+from dataclasses import asdict, dataclass, field
+
+
+class SandboxState(str, enum.Enum):
+    CREATING = "creating"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    DELETED = "deleted"
+    ERROR = "error"
+
+
+#: Every legal move; anything else is an ``InvalidTransition`` (HTTP 409).
+TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
+    SandboxState.CREATING: frozenset({SandboxState.RUNNING, SandboxState.ERROR, SandboxState.STOPPING}),
+    SandboxState.RUNNING: frozenset({SandboxState.PAUSED, SandboxState.STOPPING, SandboxState.ERROR}),
+    SandboxState.PAUSED: frozenset({SandboxState.RUNNING, SandboxState.STOPPING, SandboxState.ERROR}),
+    SandboxState.STOPPING: frozenset({SandboxState.DELETED, SandboxState.ERROR}),
+    SandboxState.ERROR: frozenset({SandboxState.STOPPING}),
+    SandboxState.DELETED: frozenset(),
+}
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_sandbox_id() -> str:
+    """12 characters, starting with a letter: short enough for a hostname and a veth name."""
+    return secrets.choice(string.ascii_lowercase) + "".join(secrets.choice(_ID_ALPHABET) for _ in range(11))
+
+
+def valid_sandbox_id(value: str) -> bool:
+    return 1 <= len(value) <= 32 and value[0] in string.ascii_lowercase and all(c in _ID_ALPHABET for c in value)
+
+
+@dataclass
+class SandboxRecord:
+    """What the store keeps about one sandbox."""
+
+    id: str
+    template: str
+    state: SandboxState
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    created_at: float
+    runtime: str = "linux"
+    env: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: The process that owns an ephemeral sandbox (``shoal run``); it is reaped when that dies.
+    owner_pid: int | None = None
+    owner_start: int | None = None
+    expires_at: float | None = None
+    api_key: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d

@@ -1,0 +1,84 @@
+"""The sandbox store: one SQLite file in WAL mode, shared by the CLI and the daemon.
+
+WAL lets many readers run beside one writer, which is what a daemon plus CLI processes need;
+every write is a short transaction. The store is the memory that lets a restarted process find
+every host resource again (they are all named after the sandbox id).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+from shoal.engine.models import SandboxRecord, SandboxState
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    template TEXT NOT NULL,
+    state TEXT NOT NULL,
+    cpu REAL NOT NULL,
+    memory_mb INTEGER NOT NULL,
+    disk_mb INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    runtime TEXT NOT NULL,
+    env TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    owner_pid INTEGER,
+    owner_start INTEGER,
+    expires_at REAL,
+    api_key TEXT
+);
+"""
+_COLUMNS = ("id", "template", "state", "cpu", "memory_mb", "disk_mb", "created_at", "runtime", "env",
+            "metadata", "owner_pid", "owner_start", "expires_at", "api_key")
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    @staticmethod
+    def _row(row: tuple) -> SandboxRecord:
+        d = dict(zip(_COLUMNS, row))
+        d["state"] = SandboxState(d["state"])
+        d["env"] = json.loads(d["env"])
+        d["metadata"] = json.loads(d["metadata"])
+        return SandboxRecord(**d)
+
+    def put(self, rec: SandboxRecord) -> None:
+        values = [getattr(rec, c) for c in _COLUMNS]
+        values[_COLUMNS.index("state")] = rec.state.value
+        values[_COLUMNS.index("env")] = json.dumps(rec.env)
+        values[_COLUMNS.index("metadata")] = json.dumps(rec.metadata)
+        with self._lock:
+            self._db.execute(f"INSERT OR REPLACE INTO sandboxes ({','.join(_COLUMNS)}) "
+                             f"VALUES ({','.join('?' * len(_COLUMNS))})", values)
+
+    def get(self, sandbox_id: str) -> SandboxRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {','.join(_COLUMNS)} FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
+        return self._row(row) if row else None
+
+    def all(self) -> list[SandboxRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {','.join(_COLUMNS)} FROM sandboxes ORDER BY created_at").fetchall()
+        return [self._row(r) for r in rows]
+
+    def set_state(self, sandbox_id: str, state: SandboxState) -> None:
+        with self._lock:
+            self._db.execute("UPDATE sandboxes SET state=? WHERE id=?", (state.value, sandbox_id))
+
+    def delete(self, sandbox_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
+
+    def close(self) -> None:
+        self._db.close()

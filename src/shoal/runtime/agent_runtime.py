@@ -1,0 +1,138 @@
+"""The agent runtime: a self-contained Python + the agent, mounted read-only at ``/.shoal``.
+
+Templates need not contain Python (``minimal`` is busybox only), so every sandbox gets the host
+interpreter that runs Shoal itself, with exactly the shared libraries it links against (its own
+dynamic loader included, started as ``/.shoal/lib/ld.so --library-path /.shoal/lib ...``, so the
+image's libc never matters) and only the stdlib modules the agent imports. The tree is built
+once per (interpreter, agent source) pair and shared by every sandbox on the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from shoal.errors import RuntimeFailure
+from shoal.settings import Settings
+
+#: Where the runtime appears inside every sandbox.
+MOUNT_POINT = "/.shoal"
+_AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
+#: Modules the agent may import lazily (PTY, watch); imported at build time to find their files.
+_LAZY_IMPORTS = "import ctypes, fcntl, termios, binascii, base64, struct, select, _posixsubprocess, _json, _socket"
+
+
+def _python() -> Path:
+    return Path(os.path.realpath(sys.executable))
+
+
+def _digest() -> str:
+    h = hashlib.sha256()
+    py = _python()
+    h.update(str(py).encode())
+    h.update(str(py.stat().st_mtime_ns).encode())
+    for f in sorted(_AGENT_DIR.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def python_version_dir() -> str:
+    return f"python{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def agent_command() -> list[str]:
+    """argv of PID 1 in every sandbox."""
+    return [f"{MOUNT_POINT}/lib/ld.so", "--library-path", f"{MOUNT_POINT}/lib",
+            f"{MOUNT_POINT}/python/bin/{python_version_dir()}", "-S", "-I", "-c",
+            "from shoal.agent.main import main; main()"]
+
+
+def ensure(settings: Settings) -> Path:
+    """The runtime directory for this interpreter and agent, built on first use."""
+    target = settings.agent_runtime_dir / _digest()
+    if (target / "READY").exists():
+        return target
+    settings.agent_runtime_dir.mkdir(parents=True, exist_ok=True)
+    tmp = settings.agent_runtime_dir / f".build-{os.getpid()}-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _build(tmp)
+        (tmp / "READY").write_text(_digest() + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeFailure(f"cannot build the agent runtime: {exc}", step="agent-runtime") from exc
+    return target
+
+
+def _module_files() -> list[Path]:
+    """Every stdlib file the agent imports (eagerly or lazily), found by importing it for real."""
+    src = str(_AGENT_DIR.parent.parent)
+    code = (f"import sys; sys.path.insert(0, {src!r}); import shoal.agent.main; {_LAZY_IMPORTS}; "
+            "print('\\n'.join(sorted({getattr(m, '__file__', None) or '' for m in list(sys.modules.values())})))")
+    out = subprocess.run([str(_python()), "-S", "-I", "-c", code], check=True, capture_output=True, text=True).stdout
+    return [Path(line) for line in out.splitlines() if line and not line.startswith(src)]
+
+
+def _libraries(binaries: list[Path]) -> tuple[set[Path], Path]:
+    """Shared libraries (resolved) needed by ``binaries``, and the dynamic loader."""
+    libs: set[Path] = set()
+    loader: Path | None = None
+    for binary in binaries:
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            m = re.search(r"=>\s*(/\S+)", line)
+            if m:
+                libs.add(Path(m.group(1)))
+            elif line.strip().startswith("/"):
+                loader = Path(line.split()[0])
+    if loader is None:
+        raise RuntimeFailure(f"cannot find the dynamic loader of {binaries[0]}", step="agent-runtime")
+    return libs, loader
+
+
+def _build(root: Path) -> None:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    pylib = root / "python" / "lib" / python_version_dir()
+    (root / "python" / "bin").mkdir(parents=True)
+    (root / "lib").mkdir()
+    pylib.mkdir(parents=True)
+    shutil.copy2(_python(), root / "python" / "bin" / python_version_dir())
+    files = set(_module_files()) | {stdlib / "os.py"}  # os.py is the landmark that locates the stdlib
+    files |= set((stdlib / "encodings").glob("*.py"))
+    extensions: list[Path] = []
+    for f in files:
+        try:
+            rel = f.relative_to(stdlib)
+        except ValueError:
+            continue  # not from the stdlib (site-packages are never needed)
+        dest = pylib / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest)
+        if f.suffix == ".so":
+            extensions.append(f)
+    agent_pkg = pylib / "shoal" / "agent"
+    agent_pkg.mkdir(parents=True)
+    (pylib / "shoal" / "__init__.py").write_text('"""Only the agent lives in the sandbox runtime."""\n')
+    for f in _AGENT_DIR.glob("*.py"):
+        shutil.copy2(f, agent_pkg / f.name)
+    libs, loader = _libraries([_python(), *extensions])
+    for lib in libs:
+        shutil.copy2(os.path.realpath(lib), root / "lib" / lib.name)
+    shutil.copy2(os.path.realpath(loader), root / "lib" / "ld.so")
+    subprocess.run([str(_python()), "-m", "compileall", "-q", "-j", "0", "-d",
+                    f"{MOUNT_POINT}/python/lib/{python_version_dir()}", str(pylib)],
+                   check=True, capture_output=True)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644, follow_symlinks=False)

@@ -1,0 +1,58 @@
+"""What every runtime (``linux`` today, ``microvm`` later) offers the engine.
+
+The engine only ever talks to a ``Runtime``; a runtime turns a ``SandboxSpec`` into an isolated
+machine whose agent answers on ``agent_socket``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything a runtime needs to bring one sandbox up."""
+
+    sandbox_id: str
+    template: str
+    #: Host directory holding the template's mounted read-only image.
+    lower_dir: Path
+    cpu: float = 1.0
+    memory_mb: int = 512
+    disk_mb: int = 1024
+    pids_limit: int = 1024
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a runtime can keep across pause/snapshot; reported through the API."""
+
+    freeze: bool = True
+    memory_snapshot: bool = False
+    filesystem_snapshot: bool = True
+
+
+class Runtime(Protocol):
+    name: str
+    capabilities: Capabilities
+
+    def create(self, spec: SandboxSpec) -> Path:
+        """Bring the sandbox up; return the host path of its agent socket."""
+
+    def destroy(self, sandbox_id: str) -> None:
+        """Free every host resource of the sandbox; a no-op for one that is already gone."""
+
+    def agent_socket(self, sandbox_id: str) -> Path:
+        """Where the sandbox's agent listens (on the host)."""
+
+    def is_alive(self, sandbox_id: str) -> bool:
+        """True if the sandbox's init (the agent) still runs."""
+
+    def existing(self) -> set[str]:
+        """Ids of every sandbox this runtime has anything of on the host (for reconciliation)."""
+
+    def usage(self, sandbox_id: str) -> dict[str, int | None]:
+        """Memory bytes, CPU microseconds, task count."""

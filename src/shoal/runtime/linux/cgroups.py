@@ -1,0 +1,135 @@
+"""cgroups behind one interface for hybrid/v1 hosts (this machine) and pure v2 hosts (most others).
+
+crun creates and configures each sandbox's group from the OCI config (``cgroupsPath`` =
+``/shoal-<id>``); this module prepares the host, reads usage, freezes, and removes what a crashed
+run left behind. On this kind of host crun refuses "hybrid" mode while any controller sits in the
+empty v2 tree; mounting the v1 ``hugetlb`` hierarchy moves the last one (hugetlb) out of it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shoal.runtime.linux import mounts
+
+ROOT = Path("/sys/fs/cgroup")
+PREFIX = "shoal-"
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "freezer", "devices", "blkio", "hugetlb",
+                  "net_cls", "net_prio", "perf_event", "systemd", "unified")
+
+
+def mode() -> str:
+    """``"v2"`` on a unified host, else ``"v1"`` (legacy or hybrid)."""
+    return "v2" if (ROOT / "cgroup.controllers").exists() else "v1"
+
+
+def prepare_host() -> None:
+    """Make crun usable here: on hybrid hosts, take every controller out of the v2 tree."""
+    if mode() == "v2":
+        return
+    unified = ROOT / "unified" / "cgroup.controllers"
+    try:
+        leftover = unified.read_text().split()
+    except OSError:
+        return
+    for controller in leftover:  # usually only "hugetlb"
+        point = ROOT / controller
+        point.mkdir(exist_ok=True)
+        if not mounts.is_mounted(point):
+            mounts.mount("cgroup", point, "cgroup", 0, controller)
+
+
+def group_name(sandbox_id: str) -> str:
+    return PREFIX + sandbox_id
+
+
+def cgroups_path(sandbox_id: str) -> str:
+    """The OCI ``linux.cgroupsPath`` of a sandbox."""
+    return "/" + group_name(sandbox_id)
+
+
+def _dirs(sandbox_id: str) -> list[Path]:
+    name = group_name(sandbox_id)
+    if mode() == "v2":
+        return [ROOT / name]
+    return [ROOT / c / name for c in V1_CONTROLLERS if (ROOT / c / name).is_dir()]
+
+
+def _controller_dir(controller: str, sandbox_id: str) -> Path:
+    return ROOT / group_name(sandbox_id) if mode() == "v2" else ROOT / controller / group_name(sandbox_id)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def usage(sandbox_id: str) -> dict[str, int | None]:
+    """Memory in bytes, CPU time in microseconds, and the number of tasks of a sandbox."""
+    if mode() == "v2":
+        d = _controller_dir("", sandbox_id)
+        cpu = None
+        try:
+            for line in (d / "cpu.stat").read_text().splitlines():
+                if line.startswith("usage_usec"):
+                    cpu = int(line.split()[1])
+        except OSError:
+            pass
+        return {"memory_bytes": _read_int(d / "memory.current"), "cpu_usec": cpu,
+                "pids": _read_int(d / "pids.current")}
+    ns = _read_int(_controller_dir("cpuacct", sandbox_id) / "cpuacct.usage")
+    return {"memory_bytes": _read_int(_controller_dir("memory", sandbox_id) / "memory.usage_in_bytes"),
+            "cpu_usec": ns // 1000 if ns is not None else None,
+            "pids": _read_int(_controller_dir("pids", sandbox_id) / "pids.current")}
+
+
+def pids(sandbox_id: str) -> list[int]:
+    """Every host pid still in the sandbox's group (empty once it is gone)."""
+    path = _controller_dir("pids", sandbox_id) / "cgroup.procs"
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def kill_all(sandbox_id: str) -> None:
+    """SIGKILL everything in the group; the last resort when crun's state is gone."""
+    d = _controller_dir("", sandbox_id) if mode() == "v2" else None
+    if d is not None and (d / "cgroup.kill").exists():
+        try:
+            (d / "cgroup.kill").write_text("1")
+            return
+        except OSError:
+            pass
+    for pid in pids(sandbox_id):
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def remove(sandbox_id: str) -> None:
+    """Remove the sandbox's groups in every hierarchy (idempotent)."""
+    for d in _dirs(sandbox_id):
+        for sub in sorted(d.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+            try:
+                sub.rmdir()
+            except FileNotFoundError:
+                pass
+
+
+def existing() -> set[str]:
+    """Sandbox ids that have a group on this host, in any hierarchy."""
+    roots = [ROOT] if mode() == "v2" else [ROOT / c for c in V1_CONTROLLERS]
+    found: set[str] = set()
+    for root in roots:
+        try:
+            for entry in os.scandir(root):
+                if entry.name.startswith(PREFIX) and entry.is_dir():
+                    found.add(entry.name[len(PREFIX):])
+        except OSError:
+            continue
+    return found

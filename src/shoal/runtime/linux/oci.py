@@ -1,0 +1,85 @@
+"""The OCI ``config.json`` of a sandbox: every isolation promise of the ``linux`` runtime in one dict.
+
+Read top to bottom, this is the security model: a user namespace mapping sandbox root to an
+unprivileged host range; its own pid, mount, uts, ipc, net and cgroup namespaces; cgroup limits;
+the default seccomp profile; no_new_privs; a reduced capability set; masked and read-only
+``/proc`` and ``/sys``; the agent runtime bind-mounted read-only.
+"""
+
+from __future__ import annotations
+
+import resource
+
+from shoal.agent import protocol
+from shoal.runtime.agent_runtime import MOUNT_POINT, agent_command
+from shoal.runtime.base import SandboxSpec
+from shoal.runtime.linux import cgroups, seccomp
+
+#: Docker's default set minus NET_RAW and MKNOD: what package managers and servers need.
+CAPABILITIES = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID", "CAP_SETUID",
+    "CAP_SETPCAP", "CAP_SETFCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE",
+]
+
+MASKED_PATHS = [
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+    "/proc/interrupts", "/proc/kallsyms",
+]
+READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+CPU_PERIOD_US = 100_000
+
+
+def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int) -> dict:
+    env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           f"SHOAL_SANDBOX_ID={spec.sandbox_id}", "HOME=/root"]
+    if spec.env:
+        env.append("SHOAL_ENV=" + protocol.dumps(spec.env).decode())
+    memory = spec.memory_mb * 1024 * 1024
+    nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": agent_command(),
+            "env": env,
+            "cwd": "/",
+            "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
+            # Raising a hard limit needs CAP_SYS_RESOURCE on the host, which sandbox root lacks.
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": False},
+        "hostname": spec.sandbox_id,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+            {"destination": MOUNT_POINT, "type": "bind", "source": runtime_dir,
+             "options": ["rbind", "ro", "nosuid", "nodev"]},
+        ],
+        "linux": {
+            "uidMappings": [{"containerID": 0, "hostID": uid_base, "size": uid_count}],
+            "gidMappings": [{"containerID": 0, "hostID": uid_base, "size": uid_count}],
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "user", "cgroup")],
+            "cgroupsPath": cgroups.cgroups_path(spec.sandbox_id),
+            "resources": {
+                "memory": {"limit": memory, "swap": memory},
+                "cpu": {"quota": max(1000, int(spec.cpu * CPU_PERIOD_US)), "period": CPU_PERIOD_US},
+                "pids": {"limit": spec.pids_limit},
+                "devices": [{"allow": False, "access": "rwm"}],
+            },
+            "seccomp": seccomp.profile(),
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
+        },
+    }

@@ -1,0 +1,187 @@
+"""The ``linux`` runtime: a sandbox is an OCI bundle run by crun, its root an overlay on EROFS.
+
+Bringing a sandbox up is a straight list of named steps; if one fails, the steps already taken
+are undone by ``destroy`` (which tolerates any of them being absent), so a failed create leaves
+nothing behind. Every host resource is named after the sandbox id:
+
+* ``<run>/sandboxes/<id>/``  bundle: ``config.json``, ``upper`` (tmpfs: the writable layer),
+  ``rootfs`` (the overlay), ``agent.sock`` (host-only), ``init.pid``, ``agent.log``
+* crun container ``shoal-<id>`` (state under ``<run>/crun``), cgroup ``shoal-<id>``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from shoal.errors import CapacityExceeded, Conflict, RuntimeFailure, ShoalError, from_errno
+from shoal.runtime import agent_runtime
+from shoal.runtime.base import Capabilities, SandboxSpec
+from shoal.runtime.linux import cgroups, mounts, oci
+from shoal.settings import Settings
+
+CONTAINER_PREFIX = "shoal-"
+
+
+class LinuxRuntime:
+    """Namespaces + cgroups + seccomp through crun. See ``oci.config`` for the isolation itself."""
+
+    name = "linux"
+    capabilities = Capabilities(freeze=True, memory_snapshot=False, filesystem_snapshot=True)
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.crun = shutil.which("crun") or "/usr/bin/crun"
+        if not os.path.exists(self.crun):
+            raise RuntimeFailure("crun is not installed (apt install crun)", step="runtime")
+        cgroups.prepare_host()
+        for d in (settings.sandboxes_dir, settings.crun_root):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o711)  # traversable by the sandbox uid while crun sets up, not listable
+        self._runtime_dir: Path | None = None
+
+    # paths ---------------------------------------------------------------------------------
+    def bundle(self, sandbox_id: str) -> Path:
+        return self.settings.sandboxes_dir / sandbox_id
+
+    def agent_socket(self, sandbox_id: str) -> Path:
+        return self.bundle(sandbox_id) / "agent.sock"
+
+    def container(self, sandbox_id: str) -> str:
+        return CONTAINER_PREFIX + sandbox_id
+
+    def runtime_dir(self) -> Path:
+        if self._runtime_dir is None:
+            self._runtime_dir = agent_runtime.ensure(self.settings)
+        return self._runtime_dir
+
+    # lifecycle -----------------------------------------------------------------------------
+    def create(self, spec: SandboxSpec) -> Path:
+        sid = spec.sandbox_id
+        bundle = self.bundle(sid)
+        try:
+            bundle.mkdir(mode=0o711)
+        except FileExistsError as exc:
+            raise Conflict(f"sandbox {sid} already exists on this host") from exc
+        step = "upper"
+        try:
+            self._make_upper(spec, bundle)
+            step = "rootfs"
+            (bundle / "rootfs").mkdir()
+            mounts.mount("overlay", bundle / "rootfs", "overlay", 0,
+                         f"lowerdir={spec.lower_dir},upperdir={bundle}/upper/upper,workdir={bundle}/upper/work")
+            step = "config"
+            cfg = oci.config(spec, str(self.runtime_dir()), self.settings.uid_base, self.settings.uid_count)
+            (bundle / "config.json").write_text(json.dumps(cfg))
+            step = "crun run"
+            self._run(sid, bundle)
+        except ShoalError:
+            self.destroy(sid)
+            raise
+        except OSError as exc:
+            self.destroy(sid)
+            err = from_errno(exc, f"sandbox {sid}: {step}")
+            raise (err if isinstance(err, CapacityExceeded) else RuntimeFailure(err.message, step, sid)) from exc
+        return self.agent_socket(sid)
+
+    def _make_upper(self, spec: SandboxSpec, bundle: Path) -> None:
+        """The writable layer: a size-limited tmpfs, owned by sandbox root, with the hostname files."""
+        base = self.settings.uid_base
+        upper = bundle / "upper"
+        upper.mkdir()
+        mounts.mount("tmpfs", upper, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
+                     f"size={spec.disk_mb}m,mode=0755")
+        for d in ("upper", "work", "upper/etc"):
+            (upper / d).mkdir()
+            os.chown(upper / d, base, base)
+        etc_lower = spec.lower_dir / "etc"
+        if etc_lower.is_dir():  # keep /etc's own mode and owner in the merged view
+            st = etc_lower.stat()
+            os.chmod(upper / "upper/etc", st.st_mode & 0o7777)
+            os.chown(upper / "upper/etc", st.st_uid, st.st_gid)
+        hosts = (f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                 f"127.0.1.1\t{spec.sandbox_id}\n")
+        for name, text in (("hostname", spec.sandbox_id + "\n"), ("hosts", hosts)):
+            path = upper / "upper/etc" / name
+            path.write_text(text)
+            os.chown(path, base, base)
+
+    def _run(self, sid: str, bundle: Path) -> None:
+        """``crun run -d`` with the listening agent socket as fd 3 of the container's init."""
+        sock_path = self.agent_socket(sid)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        log = os.open(bundle / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            listener.bind(str(sock_path))
+            listener.listen(256)
+            argv = [self.crun, "--root", str(self.settings.crun_root), "run", "-d", "--preserve-fds", "1",
+                    "--pid-file", str(bundle / "init.pid"), "--bundle", str(bundle), self.container(sid)]
+            pid = os.posix_spawn(self.crun, argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, file_actions=[
+                (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2),
+                (os.POSIX_SPAWN_DUP2, listener.fileno(), 3)])
+            _, status = os.waitpid(pid, 0)
+        finally:
+            listener.close()
+            os.close(log)
+            os.close(null)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeFailure(f"crun failed to start the sandbox: {self._log_tail(bundle)}", "crun run", sid)
+
+    @staticmethod
+    def _log_tail(bundle: Path) -> str:
+        try:
+            text = (bundle / "agent.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return " | ".join(text[-3:]) or "no output"
+
+    def init_pid(self, sandbox_id: str) -> int | None:
+        try:
+            return int((self.bundle(sandbox_id) / "init.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def is_alive(self, sandbox_id: str) -> bool:
+        pid = self.init_pid(sandbox_id)
+        return pid is not None and pid in cgroups.pids(sandbox_id)
+
+    def destroy(self, sandbox_id: str) -> None:
+        """Kill everything of the sandbox and free every host resource; safe to call twice."""
+        bundle = self.bundle(sandbox_id)
+        if (self.settings.crun_root / self.container(sandbox_id)).exists():
+            self._crun("delete", "-f", self.container(sandbox_id))
+        if cgroups.pids(sandbox_id):  # crun's state was lost: kill through the cgroup
+            cgroups.kill_all(sandbox_id)
+            deadline = time.monotonic() + 5
+            while cgroups.pids(sandbox_id) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        cgroups.remove(sandbox_id)
+        shutil.rmtree(self.settings.crun_root / self.container(sandbox_id), ignore_errors=True)
+        mounts.umount_tree(bundle)
+        shutil.rmtree(bundle, ignore_errors=True)
+
+    def _crun(self, *args: str) -> None:
+        pid = os.posix_spawn(self.crun, [self.crun, "--root", str(self.settings.crun_root), *args],
+                             {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                             file_actions=[(os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+                                           (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0)])
+        os.waitpid(pid, 0)
+
+    def existing(self) -> set[str]:
+        found = set(cgroups.existing())
+        for d in (self.settings.sandboxes_dir, self.settings.crun_root):
+            try:
+                for entry in os.scandir(d):
+                    name = entry.name
+                    found.add(name[len(CONTAINER_PREFIX):] if name.startswith(CONTAINER_PREFIX) else name)
+            except OSError:
+                pass
+        return found
+
+    def usage(self, sandbox_id: str) -> dict[str, int | None]:
+        return cgroups.usage(sandbox_id)
