@@ -1,0 +1,156 @@
+"""Shared fixtures for the sandbox tests: real sandboxes on this host (root, crun), no mocks.
+
+* ``engine``        one Engine for the whole run (default Settings: /var/lib/shoal, /run/shoal)
+* ``sandbox``       a module-scoped ``minimal`` sandbox id; ``agent`` its AgentClient
+* ``base_sandbox``  a module-scoped ``base`` sandbox id (Debian, python3, bash); ``base_agent``
+* ``new_sandbox``   a factory for sandboxes a single test owns (destroyed when the test ends)
+* ``host_marker``   a file that exists only on the host, with unique contents
+* ``leftovers``     what a sandbox id still holds on the host (empty once it is fully gone)
+
+Every sandbox a fixture creates is destroyed by a finalizer, whatever the test did to it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from shoal.errors import NotFound
+from shoal.runtime.agent_client import AgentClient
+
+if os.geteuid() != 0:  # pragma: no cover - every test here needs namespaces, mounts and cgroups
+    pytest.skip("sandbox tests need root", allow_module_level=True)
+
+from shoal.engine.engine import Engine  # noqa: E402  (Engine() refuses to start without root)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _destroy_quietly(engine: Engine, sandbox_id: str) -> None:
+    try:
+        engine.destroy(sandbox_id)
+    except NotFound:
+        pass  # the test destroyed it already
+    finally:
+        # Whatever destroy did, make sure nothing of it outlives the test run.
+        engine.runtime.destroy(sandbox_id)
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    return Engine()
+
+
+@pytest.fixture(scope="session")
+def base_template(engine: Engine) -> str:
+    """The ``base`` template, built once per run (cached in /var/lib/shoal after the first)."""
+    engine.templates.build("base")
+    return "base"
+
+
+@pytest.fixture(scope="session")
+def minimal_template(engine: Engine) -> str:
+    engine.templates.build("minimal")
+    return "minimal"
+
+
+@pytest.fixture(scope="module")
+def sandbox(engine: Engine, minimal_template: str) -> Iterator[str]:
+    rec = engine.create(minimal_template, wait=True)
+    try:
+        yield rec.id
+    finally:
+        _destroy_quietly(engine, rec.id)
+
+
+@pytest.fixture(scope="module")
+def agent(engine: Engine, sandbox: str) -> AgentClient:
+    return engine.agent(sandbox)
+
+
+@pytest.fixture(scope="module")
+def base_sandbox(engine: Engine, base_template: str) -> Iterator[str]:
+    rec = engine.create(base_template, wait=True)
+    try:
+        yield rec.id
+    finally:
+        _destroy_quietly(engine, rec.id)
+
+
+@pytest.fixture(scope="module")
+def base_agent(engine: Engine, base_sandbox: str) -> AgentClient:
+    return engine.agent(base_sandbox)
+
+
+@pytest.fixture
+def new_sandbox(engine: Engine, minimal_template: str) -> Iterator[Callable[..., str]]:
+    """``new_sandbox(template="minimal", **create_kwargs) -> id``; all destroyed after the test."""
+    created: list[str] = []
+
+    def make(template: str = minimal_template, **kwargs: object) -> str:
+        kwargs.setdefault("wait", True)
+        rec = engine.create(template, **kwargs)  # type: ignore[arg-type]
+        created.append(rec.id)
+        return rec.id
+
+    yield make
+    for sid in created:
+        _destroy_quietly(engine, sid)
+
+
+@pytest.fixture(scope="session")
+def host_marker() -> Iterator[Path]:
+    """A host-only file with unique contents; no sandbox may ever see it."""
+    path = Path(f"/tmp/shoal-host-marker-{secrets.token_hex(8)}")
+    path.write_text(f"host secret {secrets.token_hex(16)}\n")
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def host_leftovers(engine: Engine, sandbox_id: str, pids: list[int] = ()) -> list[str]:  # type: ignore[assignment]
+    """Everything of ``sandbox_id`` still on the host, as readable strings (empty: fully gone).
+
+    ``pids`` are host pids that belonged to the sandbox (e.g. its init) and must be dead now.
+    """
+    found: list[str] = []
+    bundle = engine.runtime.bundle(sandbox_id)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4]
+            if point == str(bundle) or point.startswith(str(bundle) + "/"):
+                found.append(f"mount {point}")
+    for d in CGROUP_ROOT.glob(f"*/shoal-{sandbox_id}"):
+        found.append(f"cgroup {d}")
+    if (CGROUP_ROOT / f"shoal-{sandbox_id}").exists():
+        found.append(f"cgroup {CGROUP_ROOT / f'shoal-{sandbox_id}'}")
+    if bundle.exists():
+        found.append(f"bundle {bundle}")
+    crun_state = engine.settings.crun_root / f"shoal-{sandbox_id}"
+    if crun_state.exists():
+        found.append(f"crun state {crun_state}")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state != "Z":  # a zombie waiting for its (host) parent is no longer running
+                found.append(f"process {pid}")
+        except FileNotFoundError:
+            pass
+    try:
+        engine.get(sandbox_id)
+        found.append("store record")
+    except NotFound:
+        pass
+    return found
+
+
+@pytest.fixture(scope="session")
+def leftovers(engine: Engine) -> Callable[..., list[str]]:
+    """``leftovers(sandbox_id, pids=[...]) -> list[str]``: see ``host_leftovers``."""
+    return lambda sandbox_id, pids=(): host_leftovers(engine, sandbox_id, list(pids))
