@@ -18,36 +18,58 @@ import os
 import select
 import sys
 
-from shoal.agent import files, processes, protocol as p, watch
+from shoal.agent import processes, protocol as p
 
 VERSION = "1"
 LISTEN_FD = 3
 
+#: op → (module, function). File and watch modules load on first use (or shortly after start-up,
+#: see ``_warm``): the first command of a new sandbox should not wait for them.
 _OPS = {
-    "process.start": processes.start,
-    "process.connect": processes.connect,
-    "process.list": processes.list_processes,
-    "process.signal": processes.control,
-    "process.stdin": processes.control,
-    "process.close_stdin": processes.control,
-    "process.resize": processes.control,
-    "file.read": files.read,
-    "file.write": files.write,
-    "file.stat": files.stat,
-    "file.list": files.list_dir,
-    "file.mkdir": files.mkdir,
-    "file.move": files.move,
-    "file.remove": files.remove,
-    "file.watch": watch.watch,
+    "ping": ("shoal.agent.main", "_ping"),
+    "process.start": ("shoal.agent.processes", "start"),
+    "process.connect": ("shoal.agent.processes", "connect"),
+    "process.list": ("shoal.agent.processes", "list_processes"),
+    "process.signal": ("shoal.agent.processes", "control"),
+    "process.stdin": ("shoal.agent.processes", "control"),
+    "process.close_stdin": ("shoal.agent.processes", "control"),
+    "process.resize": ("shoal.agent.processes", "control"),
+    "file.read": ("shoal.agent.files", "read"),
+    "file.write": ("shoal.agent.files", "write"),
+    "file.stat": ("shoal.agent.files", "stat"),
+    "file.list": ("shoal.agent.files", "list_dir"),
+    "file.mkdir": ("shoal.agent.files", "mkdir"),
+    "file.move": ("shoal.agent.files", "move"),
+    "file.remove": ("shoal.agent.files", "remove"),
+    "file.watch": ("shoal.agent.watch", "watch"),
 }
+_import_lock = _thread.allocate_lock()
+
+
+def _handler(op: object):  # noqa: ANN202
+    target = _OPS.get(op) if isinstance(op, str) else None
+    if target is None:
+        return None
+    module = sys.modules.get(target[0])
+    if module is None:
+        with _import_lock:
+            __import__(target[0])
+        module = sys.modules[target[0]]
+    return getattr(module, target[1])
+
+
+def _warm() -> None:
+    """Load the remaining modules once the first requests have had the CPU."""
+    import time
+    time.sleep(0.2)
+    for name in ("shoal.agent.files", "shoal.agent.watch"):
+        with _import_lock:
+            __import__(name)
 
 
 def _ping(sock, reader, req: dict) -> None:  # noqa: ANN001
     sock.sendall(p.message({"ok": True, "version": VERSION, "pid": os.getpid(),
                             "sandbox_id": os.environ.get("SHOAL_SANDBOX_ID", "")}))
-
-
-_OPS["ping"] = _ping
 
 
 def serve_connection(fd: int) -> None:
@@ -65,7 +87,7 @@ def serve_connection(fd: int) -> None:
         if not isinstance(req, dict):
             sock.sendall(p.message(p.error_reply("invalid_argument", "the first frame must be a JSON request")))
             return
-        handler = _OPS.get(req.get("op"))  # type: ignore[arg-type]
+        handler = _handler(req.get("op"))
         if handler is None:
             sock.sendall(p.message(p.error_reply("invalid_argument", f"unknown operation {req.get('op')!r}")))
             return
@@ -100,6 +122,7 @@ def main() -> None:
     _signal.signal(_signal.SIGCHLD, lambda *_: None)
     _signal.signal(_signal.SIGTERM, lambda *_: _shutdown())
     _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+    _thread.start_new_thread(_warm, ())
     poller = select.poll()
     poller.register(LISTEN_FD, select.POLLIN)
     poller.register(wake_r, select.POLLIN)

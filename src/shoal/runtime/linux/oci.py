@@ -37,8 +37,11 @@ def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int) -
         env.append("SHOAL_ENV=" + protocol.dumps(spec.env).decode())
     memory = spec.memory_mb * 1024 * 1024
     nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    bpf = seccomp.compiled_bpf()
+    linux_seccomp = {} if bpf else {"seccomp": seccomp.profile()}
     return {
         "ociVersion": "1.0.2",
+        "annotations": {"run.oci.seccomp_bpf_data": bpf} if bpf else {},
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
@@ -78,7 +81,7 @@ def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int) -
                 "pids": {"limit": spec.pids_limit},
                 "devices": [{"allow": False, "access": "rwm"}],
             },
-            "seccomp": seccomp.profile(),
+            **linux_seccomp,
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },

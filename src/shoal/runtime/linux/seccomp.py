@@ -48,3 +48,81 @@ def profile() -> dict:
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64"],
         "syscalls": syscalls,
     }
+
+
+# --- precompiled filter ---------------------------------------------------------------------
+# crun compiles the profile with libseccomp on every start (about 4 ms here, a tenth of a create).
+# The same library, called once per process, produces the identical BPF program, which crun
+# accepts ready-made through the ``run.oci.seccomp_bpf_data`` annotation.
+
+_SCMP_ACT_ALLOW = 0x7FFF0000
+_SCMP_CMP_MASKED_EQ = 7
+_ARCH_TOKENS = {"SCMP_ARCH_X86": 0x40000003, "SCMP_ARCH_X32": 0x4000003E}
+_compiled: list[str | None] = []
+
+
+def _act_errno(value: int) -> int:
+    return 0x00050000 | (value & 0xFFFF)
+
+
+def compiled_bpf() -> str | None:
+    """The profile as base64 BPF (compiled once per process), or None where libseccomp is missing
+    or the host is not x86_64 (crun then compiles ``profile()`` itself)."""
+    if _compiled:
+        return _compiled[0]
+    _compiled.append(_compile())
+    return _compiled[0]
+
+
+def _compile() -> str | None:
+    import base64
+    import ctypes
+    import os
+    import platform
+    import tempfile
+
+    if platform.machine() != "x86_64":
+        return None
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2")
+    except OSError:
+        return None
+
+    class ArgCmp(ctypes.Structure):
+        _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                    ("datum_b", ctypes.c_uint64)]
+
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.POINTER(ArgCmp)]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
+    if not ctx:
+        return None
+    try:
+        for token in _ARCH_TOKENS.values():
+            if lib.seccomp_arch_add(ctx, token) != 0:
+                return None
+        for rule in profile()["syscalls"]:
+            action = _act_errno(rule["errnoRet"])
+            args = rule.get("args", [])
+            array = (ArgCmp * max(1, len(args)))(*[ArgCmp(a["index"], _SCMP_CMP_MASKED_EQ, a["value"], a["valueTwo"])
+                                                  for a in args])
+            for name in rule["names"]:
+                nr = lib.seccomp_syscall_resolve_name(name.encode())
+                if nr == -1:  # unknown on every arch we filter: nothing to deny
+                    continue
+                if lib.seccomp_rule_add_array(ctx, action, nr, len(args), array) != 0:
+                    return None
+        with tempfile.TemporaryFile() as f:
+            if lib.seccomp_export_bpf(ctx, f.fileno()) != 0:
+                return None
+            f.seek(0)
+            data = f.read()
+        return base64.b64encode(data).decode() if data and os.environ.get("SHOAL_SECCOMP_BPF", "1") != "0" else None
+    finally:
+        lib.seccomp_release(ctx)
