@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shoal.agent import protocol as p
-from shoal.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from shoal.errors import CapacityExceeded, Conflict, Forbidden, InvalidRequest, NotFound
 from shoal.runtime.agent_client import AgentClient
 
 
@@ -349,6 +349,31 @@ def test_interrupted_write_of_a_new_file_creates_nothing(agent: AgentClient):
         conn.close()
     assert wait_for(lambda: not _temp_files(agent, "/root", "never.txt"))
     assert not agent.exists("/root/never.txt")
+
+
+def test_failing_upload_iterator_keeps_old_content(agent: AgentClient):
+    agent.write_file("/root/gen.txt", b"old")
+
+    def chunks():
+        yield b"new" * 100_000
+        raise KeyError("the source broke")
+
+    with pytest.raises(KeyError):
+        agent.write_file("/root/gen.txt", chunks())
+    assert wait_for(lambda: not _temp_files(agent, "/root", "gen.txt"))
+    assert agent.read_file("/root/gen.txt") == b"old"
+
+
+def test_disk_full(engine, new_sandbox):
+    a = engine.agent(new_sandbox(disk_mb=16))
+    a.write_file("/root/keep.txt", b"precious")
+    with pytest.raises(CapacityExceeded):
+        a.write_file("/root/huge.bin", b"x" * (32 * 1024 * 1024))
+    with pytest.raises(CapacityExceeded):
+        a.write_file("/root/keep.txt", b"y" * (32 * 1024 * 1024))
+    assert a.read_file("/root/keep.txt") == b"precious"
+    assert [e["name"] for e in a.list_dir("/root")] == ["keep.txt"]  # no half-written file, no temp file
+    assert a.write_file("/root/small.txt", b"fits")["size"] == 4
 
 
 def test_agent_serves_after_garbage(agent: AgentClient):

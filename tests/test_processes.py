@@ -223,6 +223,18 @@ def test_signal_through_stream(agent: AgentClient):
     assert r.signal == 15
 
 
+def test_background_child_holding_stdout_does_not_delay_the_result(agent: AgentClient):
+    """``cmd &`` keeps the output pipe open; the result still comes when the command itself exits."""
+    t0 = time.monotonic()
+    r = run_guarded(lambda: sh(agent, "sleep 106 & echo started"), 10)
+    assert r.stdout == "started\n" and r.exit_code == 0
+    assert time.monotonic() - t0 < 3
+    ps = agent.run(["ps", "-o", "pid,args"]).stdout
+    leftover = [line.split()[0] for line in ps.splitlines() if "sleep 106" in line]
+    assert leftover, "the background child should keep running after its parent exited"
+    agent.run(["kill", "-9", *leftover])
+
+
 # --- timeouts -----------------------------------------------------------------------------------
 
 def test_timeout_kills_the_whole_tree(agent: AgentClient):

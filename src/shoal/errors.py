@@ -9,6 +9,8 @@ one stable machine code (``code``)::
     ├── NotFound (404, "not_found")               no such sandbox, template, process or file
     ├── Conflict (409, "conflict")                exists already, or not allowed in the current state
     │   └── InvalidTransition                     an action that the sandbox's state does not allow
+    ├── Unauthorized (401, "unauthorized")        no API key, or an unknown or revoked one
+    ├── QuotaExceeded (429, "quota_exceeded")     the API key's sandbox or memory limit is reached
     ├── CapacityExceeded (503, "capacity")        the host is out of memory, pids, fds or disk: retry later
     └── RuntimeFailure (500, "runtime_failure")   a host step (mount, crun, cgroup) failed
 
@@ -71,6 +73,20 @@ class InvalidTransition(Conflict):
         super().__init__(f"cannot {action} {who}while it is {state}")
         self.state = state
         self.action = action
+
+
+class Unauthorized(ShoalError):
+    """The request has no valid API key."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class QuotaExceeded(ShoalError):
+    """The API key's limit on concurrent sandboxes or total memory would be exceeded."""
+
+    status = 429
+    code = "quota_exceeded"
 
 
 class CapacityExceeded(ShoalError):

@@ -278,6 +278,69 @@ def template_rm(name: str) -> None:
         fail_on(exc)
 
 
+# --- daemon and keys -------------------------------------------------------------------------
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys (local, as root).")
+app.add_typer(keys_app, name="keys")
+
+
+@app.command()
+def serve(host: str = typer.Option(None, help="Bind address (env SHOAL_HOST, default 127.0.0.1)."),
+          port: int = typer.Option(None, help="Port (env SHOAL_PORT, default 4040)."),
+          log_level: str = typer.Option("info", help="debug, info, warning, error.")) -> None:
+    """Run the Shoal daemon (REST API, MCP, metrics) in the foreground."""
+    from shoal.server.daemon import DEFAULT_HOST, DEFAULT_PORT, DaemonConfig, serve as run_daemon
+    try:
+        run_daemon(DaemonConfig(host=host or os.environ.get("SHOAL_HOST") or DEFAULT_HOST,
+                                port=port or int(os.environ.get("SHOAL_PORT") or DEFAULT_PORT), log_level=log_level))
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise SystemExit(0) from None
+        fail_on(exc)
+
+
+def _key_store():  # noqa: ANN202
+    from shoal.engine.keys import KeyStore
+    from shoal.settings import Settings
+    return KeyStore(Settings().db_path)
+
+
+@keys_app.command("create")
+def keys_create(name: str = typer.Option("default", help="A label for the key."),
+                max_sandboxes: int = typer.Option(None, help="Concurrent sandboxes allowed."),
+                max_memory: int = typer.Option(None, help="Total MiB allowed across its sandboxes.")) -> None:
+    """Create an API key and print it (it is shown only once)."""
+    try:
+        _key, secret = _key_store().create(name, max_sandboxes, max_memory)
+    except BaseException as exc:  # noqa: BLE001
+        fail_on(exc)
+    typer.echo(secret)
+
+
+@keys_app.command("ls")
+def keys_ls(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List API keys (never their secrets)."""
+    keys = _key_store().list()
+    if as_json:
+        typer.echo(json.dumps([k.to_dict() for k in keys], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table("ID", "NAME", "REVOKED", "MAX SANDBOXES", "MAX MEMORY", box=None)
+    for k in keys:
+        table.add_row(k.id, k.name, "yes" if k.revoked else "no", str(k.max_sandboxes or "-"),
+                      f"{k.max_memory_mb} MiB" if k.max_memory_mb else "-")
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., metavar="ID_OR_NAME")) -> None:
+    """Revoke a key: its requests fail from the next second on."""
+    try:
+        _key_store().revoke(key_id)
+    except BaseException as exc:  # noqa: BLE001
+        fail_on(exc)
+
+
 # --- benchmarks -----------------------------------------------------------------------------
 @app.command()
 def bench(as_json: bool = typer.Option(False, "--json", help="Print the JSON report only."),

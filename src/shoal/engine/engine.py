@@ -17,13 +17,18 @@ from typing import Iterator
 
 from shoal.engine.models import TRANSITIONS, SandboxRecord, SandboxState, new_sandbox_id, valid_sandbox_id
 from shoal.engine.store import Store
-from shoal.errors import InvalidRequest, InvalidTransition, NotFound, ShoalError
+from shoal.engine.keys import ApiKey, KeyStore
+from shoal.errors import InvalidRequest, InvalidTransition, NotFound, QuotaExceeded, ShoalError
 from shoal.images import TemplateStore
 from shoal.runtime.agent_client import AgentClient, ExecResult
 from shoal.runtime.base import Runtime, SandboxSpec
 from shoal.settings import Settings
 
 Progress = Callable[[str, float | None], None]
+#: ``listener(event)``: event is a dict with ``type`` (created, deleted, paused, resumed, expired,
+#: timeout) and ``sandbox`` (the record as a dict). Called from whichever thread acted.
+Listener = Callable[[dict], None]
+MAX_TIMEOUT = 7 * 24 * 3600.0
 
 LIMITS = {"cpu": (0.05, 64.0), "memory_mb": (16, 256 * 1024), "disk_mb": (16, 1024 * 1024)}
 
@@ -53,17 +58,35 @@ class Engine:
             runtime = LinuxRuntime(self.settings)
         self.runtime = runtime
         self.store = Store(self.settings.db_path)
+        self.keys = KeyStore(self.settings.db_path)
+        self._listeners: list[Listener] = []
+
+    # --- events ----------------------------------------------------------------------------
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` for every lifecycle event; returns the unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _emit(self, kind: str, rec: SandboxRecord) -> None:
+        event = {"type": kind, "time": time.time(), "sandbox": rec.to_dict()}
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a broken subscriber must not break the engine
+                pass
 
     # --- actions ---------------------------------------------------------------------------
     def create(self, template: str = "minimal", *, cpu: float = 1.0, memory_mb: int = 512, disk_mb: int = 1024,
                env: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
                owner_pid: int | None = None, build: bool = True, progress: Progress | None = None,
-               wait: bool = False) -> SandboxRecord:
+               wait: bool = False, timeout: float | None = None, api_key: ApiKey | None = None) -> SandboxRecord:
         """Create a running sandbox from ``template``.
 
         ``owner_pid`` makes it ephemeral: reconcile deletes it once that process is gone.
         A known but unbuilt template is built first when ``build`` (with ``progress``).
         ``wait`` returns only once the agent answers (otherwise the first call waits for it).
+        ``timeout`` (seconds) sets the expiry, after which ``expire`` deletes it; ``api_key`` owns it
+        and its limits apply.
         """
         for name, value in (("cpu", cpu), ("memory_mb", memory_mb), ("disk_mb", disk_mb)):
             lo, hi = LIMITS[name]
@@ -72,6 +95,12 @@ class Engine:
         for k, v in (env or {}).items():
             if not isinstance(k, str) or not k or "=" in k or "\0" in k or not isinstance(v, str) or "\0" in v:
                 raise InvalidRequest(f"invalid environment variable {k!r}")
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+            raise InvalidRequest(f"timeout must be between 1 and {int(MAX_TIMEOUT)} seconds, not {timeout!r}")
+        if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise InvalidRequest("metadata must map strings to strings")
+        if api_key is not None:
+            self._check_quota(api_key, int(memory_mb))
         info = self.templates.get(template)  # NotFound for unknown names
         if not info.built:
             if not build:
@@ -83,6 +112,7 @@ class Engine:
             memory_mb=int(memory_mb), disk_mb=int(disk_mb), created_at=time.time(), runtime=self.runtime.name,
             env=dict(env or {}), metadata=dict(metadata or {}), owner_pid=owner_pid or os.getpid(),
             owner_start=process_start_time(owner_pid or os.getpid()),
+            expires_at=time.time() + timeout if timeout else None, api_key=api_key.id if api_key else None,
         )
         self.store.put(rec)
         try:
@@ -95,23 +125,89 @@ class Engine:
         if owner_pid is None:  # persistent: nobody owns it once it runs
             rec.owner_pid = rec.owner_start = None
         self.store.put(rec)
+        self._emit("created", rec)
         if wait:
             self.agent(rec.id).wait_ready()
         return rec
 
-    def get(self, sandbox_id: str) -> SandboxRecord:
-        """Any state."""
+    def _check_quota(self, key: ApiKey, memory_mb: int) -> None:
+        mine = [r for r in self.store.all() if r.api_key == key.id]
+        if key.max_sandboxes is not None and len(mine) >= key.max_sandboxes:
+            raise QuotaExceeded(f"API key {key.name} may run at most {key.max_sandboxes} sandboxes at once")
+        used = sum(r.memory_mb for r in mine)
+        if key.max_memory_mb is not None and used + memory_mb > key.max_memory_mb:
+            raise QuotaExceeded(f"API key {key.name} may use at most {key.max_memory_mb} MiB in total "
+                                f"({used} MiB in use, {memory_mb} MiB asked)")
+
+    def get(self, sandbox_id: str, api_key: ApiKey | None = None) -> SandboxRecord:
+        """Any state. With ``api_key``, another key's sandbox does not exist."""
         rec = self.store.get(sandbox_id) if valid_sandbox_id(sandbox_id) else None
-        if rec is None:
+        if rec is None or (api_key is not None and rec.api_key != api_key.id):
             raise NotFound(f"sandbox {sandbox_id} does not exist")
         return rec
 
-    def list(self) -> list[SandboxRecord]:
-        return self.store.all()
+    def list(self, api_key: ApiKey | None = None, states: set[SandboxState] | None = None,
+             metadata: dict[str, str] | None = None) -> list[SandboxRecord]:
+        """Sandboxes, optionally only the key's own, in ``states``, carrying all of ``metadata``."""
+        out = []
+        for rec in self.store.all():
+            if api_key is not None and rec.api_key != api_key.id:
+                continue
+            if states and rec.state not in states:
+                continue
+            if metadata and any(rec.metadata.get(k) != v for k, v in metadata.items()):
+                continue
+            out.append(rec)
+        return out
 
-    def agent(self, sandbox_id: str) -> AgentClient:
+    def set_timeout(self, sandbox_id: str, timeout: float, api_key: ApiKey | None = None) -> SandboxRecord:
+        """RUNNING or PAUSED: the sandbox now expires ``timeout`` seconds from now."""
+        rec = self.get(sandbox_id, api_key)
+        if rec.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
+            raise InvalidTransition(rec.state.value, "set the timeout of", sandbox_id)
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise InvalidRequest(f"timeout must be between 1 and {int(MAX_TIMEOUT)} seconds, not {timeout!r}")
+        rec.expires_at = time.time() + timeout
+        self.store.put(rec)
+        self._emit("timeout", rec)
+        return rec
+
+    def pause(self, sandbox_id: str, api_key: ApiKey | None = None) -> SandboxRecord:
+        """RUNNING → PAUSED: every process is frozen; memory and files stay."""
+        rec = self.get(sandbox_id, api_key)
+        if rec.state is not SandboxState.RUNNING:
+            raise InvalidTransition(rec.state.value, "pause", sandbox_id)
+        self.runtime.pause(sandbox_id)
+        self._move(rec, SandboxState.PAUSED)
+        self._emit("paused", rec)
+        return rec
+
+    def resume(self, sandbox_id: str, api_key: ApiKey | None = None) -> SandboxRecord:
+        """PAUSED → RUNNING."""
+        rec = self.get(sandbox_id, api_key)
+        if rec.state is not SandboxState.PAUSED:
+            raise InvalidTransition(rec.state.value, "resume", sandbox_id)
+        self.runtime.resume(sandbox_id)
+        self._move(rec, SandboxState.RUNNING)
+        self._emit("resumed", rec)
+        return rec
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Delete every RUNNING sandbox past its expiry (paused ones wait to be resumed)."""
+        now = time.time() if now is None else now
+        gone = []
+        for rec in self.store.all():
+            if rec.expires_at is not None and rec.expires_at <= now and rec.state is SandboxState.RUNNING:
+                try:
+                    self.destroy(rec.id)
+                    gone.append(rec.id)
+                except NotFound:
+                    pass
+        return gone
+
+    def agent(self, sandbox_id: str, api_key: ApiKey | None = None) -> AgentClient:
         """The exec/files channel of a RUNNING sandbox."""
-        rec = self.get(sandbox_id)
+        rec = self.get(sandbox_id, api_key)
         if rec.state is not SandboxState.RUNNING:
             raise InvalidTransition(rec.state.value, "use", sandbox_id)
         return AgentClient(str(self.runtime.agent_socket(sandbox_id)), sandbox_id)
@@ -119,14 +215,16 @@ class Engine:
     def run(self, sandbox_id: str, cmd: list[str], **kwargs: object) -> ExecResult:
         return self.agent(sandbox_id).run(cmd, **kwargs)  # type: ignore[arg-type]
 
-    def destroy(self, sandbox_id: str) -> None:
+    def destroy(self, sandbox_id: str, api_key: ApiKey | None = None) -> None:
         """Any state but DELETED; frees every host resource even if a step fails."""
-        rec = self.get(sandbox_id)
+        rec = self.get(sandbox_id, api_key)
         self._move(rec, SandboxState.STOPPING)
         try:
             self.runtime.destroy(sandbox_id)
         finally:
             self.store.delete(sandbox_id)
+            rec.state = SandboxState.DELETED
+            self._emit("deleted", rec)
 
     def _move(self, rec: SandboxRecord, to: SandboxState) -> None:
         if to not in TRANSITIONS[rec.state] and rec.state is not to:

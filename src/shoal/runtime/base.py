@@ -56,3 +56,9 @@ class Runtime(Protocol):
 
     def usage(self, sandbox_id: str) -> dict[str, int | None]:
         """Memory bytes, CPU microseconds, task count."""
+
+    def pause(self, sandbox_id: str) -> None:
+        """Stop every process of the sandbox from running; memory is kept."""
+
+    def resume(self, sandbox_id: str) -> None:
+        """Undo ``pause``."""

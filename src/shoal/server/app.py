@@ -1,0 +1,63 @@
+"""The ASGI app: native REST under /v1, health, metrics, events, and the MCP endpoint at /mcp."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from shoal import __version__
+from shoal.engine import Engine
+from shoal.server import errors
+from shoal.server.metrics import Metrics
+from shoal.server.routes import files, processes, pty, sandboxes, system
+
+log = logging.getLogger("shoal.server")
+REAPER_INTERVAL = 1.0
+
+
+async def _reaper(engine: Engine) -> None:
+    """Delete expired sandboxes, once a second."""
+    while True:
+        await asyncio.sleep(REAPER_INTERVAL)
+        try:
+            gone = await run_in_threadpool(engine.expire)
+            for sid in gone:
+                log.info("sandbox expired", extra={"sandbox": sid})
+        except Exception:  # noqa: BLE001 - the reaper must outlive any single failure
+            log.exception("reaper failed")
+
+
+def create_app(engine: Engine) -> FastAPI:
+    extra_lifespans: list = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_reaper(engine))
+        async with contextlib.AsyncExitStack() as stack:
+            for ctx in extra_lifespans:
+                await stack.enter_async_context(ctx(app))
+            try:
+                yield
+            finally:
+                task.cancel()
+
+    app = FastAPI(title="Shoal", version=__version__, lifespan=lifespan,
+                  description="Sandboxes for AI agents: native REST API. Authenticate with "
+                              "`Authorization: Bearer <key>` (see `shoal keys create`).")
+    app.state.engine = engine
+    app.state.metrics = Metrics(engine)
+    errors.install(app)
+    for module in (system, sandboxes, processes, files, pty):
+        app.include_router(module.router)
+    try:
+        from shoal.server import mcp_endpoint
+    except ImportError:  # pragma: no cover - the endpoint ships with the daemon
+        mcp_endpoint = None  # type: ignore[assignment]
+    if mcp_endpoint is not None:
+        extra_lifespans.append(mcp_endpoint.mount(app, engine))
+    return app

@@ -1,0 +1,123 @@
+"""Request and response bodies of the native API (they are the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.engine.models import SandboxRecord
+
+Str = Field(max_length=4096)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SandboxCreate(Strict):
+    template: str = Field("minimal", min_length=1, max_length=128)
+    cpu: float = Field(1.0, ge=0.05, le=64)
+    memory_mb: int = Field(512, ge=16, le=256 * 1024)
+    disk_mb: int = Field(1024, ge=16, le=1024 * 1024)
+    timeout: int = Field(300, ge=1, le=7 * 24 * 3600, description="Seconds until the sandbox is deleted.")
+    env: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class Sandbox(BaseModel):
+    id: str
+    template: str
+    state: Literal["creating", "running", "paused", "stopping", "deleted", "error"]
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    created_at: datetime
+    expires_at: datetime | None
+    metadata: dict[str, str]
+
+    @classmethod
+    def of(cls, rec: SandboxRecord) -> Sandbox:
+        def ts(value: float | None) -> datetime | None:
+            return datetime.fromtimestamp(value, timezone.utc) if value is not None else None
+        return cls(id=rec.id, template=rec.template, state=rec.state.value, cpu=rec.cpu, memory_mb=rec.memory_mb,
+                   disk_mb=rec.disk_mb, created_at=ts(rec.created_at), expires_at=ts(rec.expires_at),
+                   metadata=rec.metadata)
+
+
+class TimeoutUpdate(Strict):
+    timeout: int = Field(..., ge=1, le=7 * 24 * 3600)
+
+
+class ExecRequest(Strict):
+    cmd: list[str] | str = Field(..., description="argv, or a string run by /bin/sh -c.")
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = Field(None, max_length=4096)
+    user: str | None = Field(None, max_length=256)
+    timeout: float | None = Field(None, gt=0, le=7 * 24 * 3600)
+    stdin: str | None = Field(None, description="Text fed to stdin, then closed.")
+    background: bool = Field(False, description="Return the pid at once; the process keeps running.")
+    stream: bool = Field(False, description="Stream events as NDJSON (or SSE with Accept: text/event-stream).")
+    tag: str | None = Field(None, max_length=256)
+
+    def argv(self) -> list[str]:
+        return ["/bin/sh", "-c", self.cmd] if isinstance(self.cmd, str) else list(self.cmd)
+
+
+class ExecResult(BaseModel):
+    pid: int
+    exit_code: int
+    signal: int | None = None
+    timed_out: bool = False
+    stdout: str
+    stderr: str
+
+
+class Started(BaseModel):
+    pid: int
+
+
+class ProcessInfo(BaseModel):
+    pid: int
+    cmd: str
+    args: list[str]
+    tag: str | None = None
+    cwd: str | None = None
+    pty: bool = False
+
+
+class SignalRequest(Strict):
+    signal: int = Field(9, ge=1, le=64)
+
+
+class StdinRequest(Strict):
+    data: str = Field("", description="Text to write.")
+    data_b64: str | None = Field(None, description="Bytes to write, base64 (instead of data).")
+
+
+class Entry(BaseModel):
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    permissions: str
+    owner: str
+    group: str
+    modified: float
+    symlink_target: str | None = None
+
+
+class PathRequest(Strict):
+    path: str = Field(..., min_length=1, max_length=4096)
+
+
+class MoveRequest(Strict):
+    src: str = Field(..., min_length=1, max_length=4096)
+    dst: str = Field(..., min_length=1, max_length=4096)
+
+
+class Health(BaseModel):
+    status: str
+    version: str

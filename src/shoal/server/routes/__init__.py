@@ -1,0 +1,1 @@
+"""Native REST routes; each parses, calls one engine action, returns."""
