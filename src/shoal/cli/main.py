@@ -345,14 +345,25 @@ def keys_revoke(key_id: str = typer.Argument(..., metavar="ID_OR_NAME")) -> None
 @app.command()
 def bench(as_json: bool = typer.Option(False, "--json", help="Print the JSON report only."),
           iterations: int = typer.Option(30, "-n", help="Samples per measurement."),
-          template: str = typer.Option("minimal", "--template", "-t")) -> None:
-    """Measure create → first result and exec round trip against same-run baselines."""
+          template: str = typer.Option("minimal", "--template", "-t"),
+          api: bool = typer.Option(True, "--api/--no-api", help="Also measure through the daemon's REST API.")) -> None:
+    """Measure create → first result, exec round trip, idle memory (and the same through the REST
+    API, with exec throughput), each beside a baseline measured in the same run."""
     try:
+        from shoal.bench import api as api_bench
         from shoal.bench.run import report, run_benchmarks
-        result = run_benchmarks(engine(reconcile=True), iterations=iterations, template=template)
+        eng = engine(reconcile=True)
+        result = {"engine": run_benchmarks(eng, iterations=iterations, template=template)}
+        if api:
+            result["api"] = api_bench.run_api_benchmarks(eng.settings, iterations=iterations, template=template)
     except BaseException as exc:  # noqa: BLE001
         fail_on(exc)
-    typer.echo(json.dumps(result, indent=2) if as_json else report(result))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(report(result["engine"]))
+    if api:
+        typer.echo(api_bench.report(result["api"]))
 
 
 def main() -> None:

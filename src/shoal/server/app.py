@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from shoal import __version__
 from shoal.engine import Engine
 from shoal.server import errors
+from shoal.server.fastpath import ExecFastPath
 from shoal.server.metrics import Metrics
 from shoal.server.routes import files, processes, pty, sandboxes, system
 
@@ -52,6 +53,7 @@ def create_app(engine: Engine) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = Metrics(engine)
     errors.install(app)
+    app.add_middleware(ExecFastPath, engine=engine, metrics=app.state.metrics)
     for module in (system, sandboxes, processes, files, pty):
         app.include_router(module.router)
     try:

@@ -22,6 +22,6 @@ def key_from_headers(request_headers, engine) -> ApiKey:  # noqa: ANN001
     return key
 
 
-def api_key(request: Request) -> ApiKey:
+async def api_key(request: Request) -> ApiKey:
     """FastAPI dependency: the caller's key."""
     return key_from_headers(request.headers, request.app.state.engine)

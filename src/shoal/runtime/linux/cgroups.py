@@ -95,6 +95,21 @@ def pids(sandbox_id: str) -> list[int]:
         return []
 
 
+def thaw(sandbox_id: str) -> None:
+    """Unfreeze the group if frozen: a frozen task cannot act on SIGKILL, so teardown thaws first."""
+    if mode() == "v2":
+        path = _controller_dir("", sandbox_id) / "cgroup.freeze"
+        value = "0"
+    else:
+        path = _controller_dir("freezer", sandbox_id) / "freezer.state"
+        value = "THAWED"
+    try:
+        if path.read_text().strip() not in ("0", "THAWED"):
+            path.write_text(value)
+    except OSError:
+        pass
+
+
 def kill_all(sandbox_id: str) -> None:
     """SIGKILL everything in the group; the last resort when crun's state is gone."""
     d = _controller_dir("", sandbox_id) if mode() == "v2" else None

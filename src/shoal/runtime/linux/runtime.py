@@ -153,6 +153,7 @@ class LinuxRuntime:
     def destroy(self, sandbox_id: str) -> None:
         """Kill everything of the sandbox and free every host resource; safe to call twice."""
         bundle = self.bundle(sandbox_id)
+        cgroups.thaw(sandbox_id)
         if (self.settings.crun_root / self.container(sandbox_id)).exists():
             self._crun("delete", "-f", self.container(sandbox_id))
         if cgroups.pids(sandbox_id):  # crun's state was lost: kill through the cgroup

@@ -11,11 +11,11 @@ from shoal.runtime.agent_aio import AsyncAgentClient
 from shoal.server.auth import api_key
 
 
-def engine(request: Request) -> Engine:
+async def engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def running_agent(sandbox_id: str, request: Request, key: ApiKey = Depends(api_key)) -> AsyncAgentClient:
+async def running_agent(sandbox_id: str, request: Request, key: ApiKey = Depends(api_key)) -> AsyncAgentClient:
     eng: Engine = request.app.state.engine
     rec = eng.get(sandbox_id, key)
     if rec.state is not SandboxState.RUNNING:
