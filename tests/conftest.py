@@ -154,3 +154,82 @@ def host_leftovers(engine: Engine, sandbox_id: str, pids: list[int] = ()) -> lis
 def leftovers(engine: Engine) -> Callable[..., list[str]]:
     """``leftovers(sandbox_id, pids=[...]) -> list[str]``: see ``host_leftovers``."""
     return lambda sandbox_id, pids=(): host_leftovers(engine, sandbox_id, list(pids))
+
+
+# --- the daemon ------------------------------------------------------------------------------------
+
+DAEMON_BIN = "/opt/shoal/venv/bin/shoal"
+LOCAL_KEY = Path("/var/lib/shoal/local.key")
+
+
+class RunningDaemon:
+    """A ``shoal serve`` subprocess on loopback: ``url``, ``key`` (the local key), ``proc``, ``log``."""
+
+    def __init__(self, url: str, key: str, proc: "subprocess.Popen[bytes]", log: Path) -> None:
+        self.url, self.key, self.proc, self.log = url, key, proc, log
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_daemon(port: int | None = None, log: Path | None = None, wait: float = 30.0) -> RunningDaemon:
+    """Start ``shoal serve --port <port>`` (default state dirs) and wait until /health answers."""
+    import subprocess
+    import time
+
+    import httpx
+
+    port = port or free_port()
+    log = log or Path(f"/tmp/shoal-daemon-{port}-{secrets.token_hex(3)}.log")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([DAEMON_BIN, "serve", "--port", str(port)], stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + wait
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"shoal serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"shoal serve did not answer /health within {wait} s: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    return RunningDaemon(url, LOCAL_KEY.read_text().strip(), proc, log)
+
+
+def stop_daemon(d: RunningDaemon, timeout: float = 15.0) -> int | None:
+    """SIGTERM, wait, SIGKILL if it does not go; returns the exit status."""
+    import signal
+    import subprocess
+
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGTERM)
+        try:
+            d.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            d.proc.kill()
+            d.proc.wait()
+    return d.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[RunningDaemon]:
+    """One ``shoal serve`` for the session on a free loopback port; SIGTERM at the end."""
+    d = start_daemon()
+    try:
+        yield d
+    finally:
+        stop_daemon(d)

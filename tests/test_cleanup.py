@@ -300,7 +300,12 @@ def test_reconcile_spares_a_create_in_progress(engine):
 # --- bad requests leave nothing behind ----------------------------------------------------------
 
 def _host_state(engine) -> tuple[set[str], set[str]]:
-    return engine.runtime.existing(), {r.id for r in engine.list()}
+    """Host resources no record explains, and records this process owns (a create in progress or
+    a leaked one). Other processes may create and destroy sandboxes meanwhile; neither set moves."""
+    records = engine.list()
+    orphans = engine.runtime.existing() - {r.id for r in records}
+    mine = {r.id for r in records if r.owner_pid == os.getpid()}
+    return orphans, mine
 
 
 def test_unknown_template(engine):

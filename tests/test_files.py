@@ -3,7 +3,7 @@ path resolution that never reaches the host, and uploads that fail half-way. Rea
 
 from __future__ import annotations
 
-import os
+import hashlib
 import secrets
 import threading
 import time
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shoal.agent import protocol as p
-from shoal.errors import CapacityExceeded, Conflict, Forbidden, InvalidRequest, NotFound
+from shoal.errors import CapacityExceeded, Conflict, Forbidden, InvalidRequest, NotFound, ShoalError
 from shoal.runtime.agent_client import AgentClient
 
 
@@ -36,7 +36,6 @@ def test_binary_round_trip(agent: AgentClient):
     assert len(chunks) > 1 and b"".join(chunks) == data  # streamed, not one giant frame
     # the bytes really are on the sandbox's disk, not only in the agent
     r = agent.run(["sha256sum", "/tmp/random.bin"])
-    import hashlib
     assert r.stdout.split()[0] == hashlib.sha256(data).hexdigest()
 
 
@@ -392,6 +391,41 @@ def test_agent_serves_after_garbage(agent: AgentClient):
     finally:
         conn.close()
     assert agent.read_file("/etc/hostname")
+
+
+# --- odd files and modes ------------------------------------------------------------------------
+
+def test_append_creates_files_like_write_does(agent: AgentClient):
+    """An append that creates the file honours ``mode`` and ``user`` exactly as a plain write does."""
+    entry = agent.write_file("/tmp/appended-script.sh", b"#!/bin/sh\necho hi\n", mode=0o755, append=True)
+    assert entry["mode"] == 0o755
+    assert agent.run(["/tmp/appended-script.sh"]).stdout == "hi\n"
+    owned = agent.write_file("/home/user/appended.txt", b"x", user="user", append=True)
+    assert (owned["uid"], owned["gid"]) == (1000, 1000)
+
+
+def test_read_of_a_fifo_does_not_hang(engine, new_sandbox):
+    """A FIFO (or any file that blocks on open/read) must not hang the caller forever."""
+    a = engine.agent(new_sandbox())
+    assert a.run(["mkfifo", "/tmp/fifo"]).exit_code == 0
+    box: dict = {}
+
+    def read() -> None:
+        try:
+            box["data"] = a.read_file("/tmp/fifo")
+        except Exception as exc:  # noqa: BLE001
+            box["error"] = exc
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(3)
+    hung = t.is_alive()
+    if hung:  # unblock the agent's thread (a writer opens the FIFO) so the sandbox can be destroyed
+        a.run(["sh", "-c", "echo > /tmp/fifo"], timeout=2)
+        t.join(5)
+    assert not hung, "read_file of a FIFO blocks forever"
+    # refusing a non-regular file, or reading what is there (nothing: no writer), are both fine
+    assert isinstance(box.get("error"), ShoalError) or box.get("data") == b"", box
 
 
 # --- permissions of the ``user`` option -----------------------------------------------------------

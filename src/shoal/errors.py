@@ -12,7 +12,8 @@ one stable machine code (``code``)::
     ├── Unauthorized (401, "unauthorized")        no API key, or an unknown or revoked one
     ├── QuotaExceeded (429, "quota_exceeded")     the API key's sandbox or memory limit is reached
     ├── CapacityExceeded (503, "capacity")        the host is out of memory, pids, fds or disk: retry later
-    └── RuntimeFailure (500, "runtime_failure")   a host step (mount, crun, cgroup) failed
+    ├── RuntimeFailure (500, "runtime_failure")   a host step (mount, crun, cgroup) failed
+    └── DaemonUnreachable (503, "daemon_unreachable")  the SDK or CLI cannot reach the daemon at its URL
 
 Lower layers (errno, crun, the agent's wire codes) are translated at one boundary each
 (``from_errno`` here, ``from_agent_error`` for the agent) to the most specific class.
@@ -107,6 +108,13 @@ class RuntimeFailure(ShoalError):
         super().__init__(f"{message} ({', '.join(parts)})" if parts else message)
         self.step = step
         self.sandbox_id = sandbox_id
+
+
+class DaemonUnreachable(ShoalError):
+    """The client (SDK or CLI) cannot reach the Shoal daemon: it is not running, or not at that URL."""
+
+    status = 503
+    code = "daemon_unreachable"
 
 
 _CAPACITY_ERRNOS = {_errno.EAGAIN, _errno.ENOMEM, _errno.EMFILE, _errno.ENFILE, _errno.ENOSPC, _errno.EDQUOT}

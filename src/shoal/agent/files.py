@@ -84,10 +84,52 @@ def entry(path: str, s: os.stat_result | None = None) -> dict:
     return info
 
 
-def _simple(sock, fn) -> None:  # noqa: ANN001
-    """Run ``fn() -> dict`` and send its reply, translating the usual failures."""
+class _Identity:
+    """Act with a sandbox user's file permissions in this thread only.
+
+    ``setfsuid``/``setfsgid`` are per-thread system calls (the kernel also drops the file
+    capabilities of a thread whose fsuid is not 0); supplementary groups use the raw ``setgroups``
+    syscall, because glibc's wrapper would change them in every thread of the agent.
+    """
+
+    _libc = None
+    _SETGROUPS = {"x86_64": 116, "aarch64": 159}
+
+    def __init__(self, user: users.User) -> None:
+        self.user = user
+
+    def __enter__(self) -> None:
+        if self.user.uid == 0 and self.user.gid == 0:
+            return
+        import ctypes
+        if _Identity._libc is None:
+            _Identity._libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc = _Identity._libc
+        groups = (ctypes.c_uint * max(1, len(self.user.groups)))(*self.user.groups)
+        nr = self._SETGROUPS.get(os.uname().machine)
+        if nr is not None:
+            libc.syscall(nr, len(self.user.groups), groups)
+        libc.setfsgid(self.user.gid)
+        libc.setfsuid(self.user.uid)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.user.uid == 0 and self.user.gid == 0:
+            return
+        import ctypes
+        libc = _Identity._libc
+        libc.setfsuid(0)
+        libc.setfsgid(0)
+        nr = self._SETGROUPS.get(os.uname().machine)
+        if nr is not None:
+            zero = (ctypes.c_uint * 1)(0)
+            libc.syscall(nr, 1, zero)
+
+
+def _simple(sock, fn, req: dict | None = None) -> None:  # noqa: ANN001
+    """Run ``fn() -> dict`` as the request's user and send its reply, translating the usual failures."""
     try:
-        reply = fn()
+        with _Identity(_user(req or {})):
+            reply = fn()
     except LookupError as exc:
         reply = p.error_reply("not_found", str(exc))
     except ValueError as exc:
@@ -108,7 +150,7 @@ def stat(sock, reader, req: dict) -> None:  # noqa: ANN001
             return {"ok": True, "entry": entry(path)}
         except OSError as exc:
             return os_error(exc, path)
-    _simple(sock, run)
+    _simple(sock, run, req)
 
 
 def list_dir(sock, reader, req: dict) -> None:  # noqa: ANN001
@@ -125,7 +167,7 @@ def list_dir(sock, reader, req: dict) -> None:  # noqa: ANN001
         out: list[dict] = []
         _walk(path, depth, out)
         return {"ok": True, "entries": out}
-    _simple(sock, run)
+    _simple(sock, run, req)
 
 
 def _walk(path: str, depth: int, out: list[dict]) -> None:
@@ -159,7 +201,7 @@ def mkdir(sock, reader, req: dict) -> None:  # noqa: ANN001
             return {"ok": True, "entry": entry(path)}
         except OSError as exc:
             return os_error(exc, path)
-    _simple(sock, run)
+    _simple(sock, run, req)
 
 
 def _makedirs(path: str, user: users.User) -> None:
@@ -188,7 +230,7 @@ def move(sock, reader, req: dict) -> None:  # noqa: ANN001
             return {"ok": True, "entry": entry(dst)}
         except OSError as exc:
             return os_error(exc, src if exc.errno == errno.ENOENT and not os.path.lexists(src) else dst)
-    _simple(sock, run)
+    _simple(sock, run, req)
 
 
 def remove(sock, reader, req: dict) -> None:  # noqa: ANN001
@@ -205,7 +247,7 @@ def remove(sock, reader, req: dict) -> None:  # noqa: ANN001
             return {"ok": True}
         except OSError as exc:
             return os_error(exc, path)
-    _simple(sock, run)
+    _simple(sock, run, req)
 
 
 def _rmtree(path: str) -> None:
@@ -222,9 +264,14 @@ def _rmtree(path: str) -> None:
 def read(sock, reader, req: dict) -> None:  # noqa: ANN001
     """``file.read``: a header MSG with the entry, DATA frames, then ``{"event": "eof"}``."""
     try:
-        path = resolve(req.get("path"), _user(req))
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (ValueError, LookupError) as exc:
+        user = _user(req)
+        path = resolve(req.get("path"), user)
+        with _Identity(user):  # permission is checked at open; the open fd reads on
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except LookupError as exc:
+        sock.sendall(p.message(p.error_reply("not_found", str(exc))))
+        return
+    except ValueError as exc:
         sock.sendall(p.message(p.error_reply("invalid_argument", str(exc))))
         return
     except OSError as exc:
@@ -235,6 +282,10 @@ def read(sock, reader, req: dict) -> None:  # noqa: ANN001
         if st.S_ISDIR(s.st_mode):
             sock.sendall(p.message(p.error_reply("invalid_argument", f"{path}: is a directory")))
             return
+        if not st.S_ISREG(s.st_mode):  # FIFOs and devices would block or never end
+            sock.sendall(p.message(p.error_reply("invalid_argument", f"{path}: not a regular file")))
+            return
+        os.set_blocking(fd, True)
         sock.sendall(p.message({"ok": True, "entry": entry(path, s)}))
         chunk = 1024 * 1024
         while True:
@@ -253,11 +304,29 @@ def write(sock, reader: p.FrameReader, req: dict) -> None:  # noqa: ANN001
     On any failure the agent still reads up to the end marker, so the host always gets the one
     reply; the target is replaced only after the last byte is on disk.
     """
+    try:
+        user = _user(req)
+    except LookupError as exc:
+        _drain(reader)
+        sock.sendall(p.message(p.error_reply("not_found", str(exc))))
+        return
+    with _Identity(user):
+        _write(sock, reader, req, user)
+
+
+def _drain(reader: p.FrameReader) -> None:
+    while True:
+        got = reader.read()
+        if got is None or (got[0] == p.MSG and p.loads(got[1]).get("op") == "eof"):
+            return
+
+
+def _write(sock, reader: p.FrameReader, req: dict, user: users.User) -> None:  # noqa: ANN001
     tmp = None
     fd = -1
     reply: dict | None = None
+    path = str(req.get("path"))
     try:
-        user = _user(req)
         path = resolve(req.get("path"), user)
         append = bool(req.get("append"))
         parent = os.path.dirname(path)
@@ -269,7 +338,13 @@ def write(sock, reader: p.FrameReader, req: dict) -> None:  # noqa: ANN001
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
         if append:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            existed = os.path.exists(path)
+            mode = int(req["mode"]) if req.get("mode") is not None else 0o644
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+            if not existed:
+                os.fchmod(fd, mode)  # exactly, whatever the umask
+                if user.uid or user.gid:
+                    os.fchown(fd, user.uid, user.gid)
         else:
             tmp = os.path.join(parent, f".{os.path.basename(path)}.shoal-{os.getpid()}-{time.monotonic_ns()}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -304,7 +379,10 @@ def write(sock, reader: p.FrameReader, req: dict) -> None:  # noqa: ANN001
                 try:
                     old = os.stat(path)
                     os.chmod(tmp, st.S_IMODE(old.st_mode))
-                    os.chown(tmp, old.st_uid, old.st_gid)
+                    try:
+                        os.chown(tmp, old.st_uid, old.st_gid)
+                    except PermissionError:
+                        pass  # a user replacing another's file (in a dir it may write) owns the new one
                 except FileNotFoundError:
                     if req.get("mode") is None:
                         _own(tmp, user)

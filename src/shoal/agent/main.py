@@ -122,7 +122,10 @@ def main() -> None:
     _signal.signal(_signal.SIGCHLD, lambda *_: None)
     _signal.signal(_signal.SIGTERM, lambda *_: _shutdown())
     _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
-    _thread.start_new_thread(_warm, ())
+    try:
+        _thread.start_new_thread(_warm, ())
+    except (RuntimeError, MemoryError):
+        pass  # modules then load on first use
     poller = select.poll()
     poller.register(LISTEN_FD, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -146,7 +149,10 @@ def main() -> None:
                         break
                     except OSError:
                         break  # EMFILE and friends: try again on the next wake-up
-                    _thread.start_new_thread(serve_connection, (conn_fd,))
+                    try:
+                        _thread.start_new_thread(serve_connection, (conn_fd,))
+                    except (RuntimeError, MemoryError):  # at the pids/memory limit: refuse, live on
+                        os.close(conn_fd)
 
 
 def _shutdown() -> None:

@@ -92,7 +92,11 @@ class Process:
                 self.subscribers.remove(sub)
 
     def signal(self, signum: int) -> None:
-        """Signal the whole process group (the child leads its own session)."""
+        """Signal the whole process group (the child leads its own session); SIGKILL reaches
+        every descendant, even those that left the group (``setsid``)."""
+        if signum == 9:
+            kill_tree(self.pid)
+            return
         try:
             os.killpg(self.pid, signum)
         except ProcessLookupError:
@@ -459,6 +463,52 @@ def control(sock, reader: p.FrameReader, req: dict) -> None:  # noqa: ANN001
         sock.sendall(p.message(p.error_reply("invalid_argument", str(exc))))
         return
     sock.sendall(p.message({"ok": True}))
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rindex(b")") + 2:].split()[1])
+        kids.setdefault(ppid, []).append(int(name))
+    return kids
+
+
+def kill_tree(root: int) -> None:
+    """SIGSTOP the whole tree under ``root`` (so nothing forks away mid-walk), then SIGKILL it.
+    Repeats until the walk finds nothing new: descendants that left the process group or the
+    session are found through their parent links."""
+    seen: set[int] = set()
+    for _ in range(8):
+        kids = _children_map()
+        tree, todo, walked = [], [root], set()
+        while todo:
+            pid = todo.pop()
+            if pid in walked or pid == 1:
+                continue
+            walked.add(pid)
+            tree.append(pid)
+            todo.extend(kids.get(pid, []))
+        fresh = [pid for pid in tree if pid not in seen]
+        if not fresh:
+            break
+        for sig in (19, 9):  # SIGSTOP, then SIGKILL
+            for pid in fresh:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        seen.update(fresh)
+    try:
+        os.killpg(root, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def kill_all() -> None:

@@ -67,7 +67,7 @@ class SandboxList(BaseModel):
 
 
 class CommandResult(BaseModel):
-    exit_code: int = Field(description="The command's exit status (0 means success; -1 if it was killed by a signal).")
+    exit_code: int = Field(description="The exit status: 0 means success; 128+N if it was killed by signal N.")
     stdout: str = Field(description="Standard output, decoded as UTF-8 (invalid bytes replaced).")
     stderr: str = Field(description="Standard error, decoded as UTF-8 (invalid bytes replaced).")
     timed_out: bool = Field(description="True if the command was killed because it ran past its timeout.")
@@ -136,8 +136,13 @@ SandboxPath = Annotated[str, Field(min_length=1, max_length=4096,
 
 def build_server(engine: Engine) -> MCPServer:
     """The MCP server and its tools, bound to ``engine``."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     mcp = MCPServer("shoal", title="Shoal sandboxes", version=__version__, instructions=INSTRUCTIONS,
                     description="Create isolated Linux sandboxes, run commands and manage files in them.")
+    # MCPServer() calls logging.basicConfig (a rich handler on the root logger) when the root has no
+    # handler yet, e.g. in tests; logging is the daemon's business, so undo that.
+    root.handlers[:], root.level = handlers, level
 
     @mcp.tool(annotations=ToolAnnotations(title="Create sandbox", read_only_hint=False, destructive_hint=False,
                                           idempotent_hint=False, open_world_hint=False))
@@ -330,6 +335,8 @@ class RequireApiKey:
 def mount(app: FastAPI, engine: Engine) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     """Serve MCP at ``/mcp`` of ``app``; returns the lifespan that runs the MCP session manager."""
     server = build_server(engine)
+    # Stateless mode "terminates" a transport after every request, logging each one at INFO.
+    logging.getLogger("mcp.server.streamable_http").setLevel(logging.WARNING)
     # Builds the session manager (the Starlette app it also returns is not used: the route is ours).
     server.streamable_http_app(
         streamable_http_path=PATH, stateless_http=True, json_response=True,
