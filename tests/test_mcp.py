@@ -1,4 +1,5 @@
-"""The daemon's MCP endpoint (/mcp), driven by the official MCP client against a real ``shoal serve``.
+"""The daemon's MCP endpoint (/mcp), driven by the official MCP client against a real ``shoal serve``
+(conftest's ``daemon``: default state dirs, the local key).
 
 Both protocol eras are covered: ``mode="legacy"`` (initialize handshake, served statelessly) and
 ``mode="auto"`` (the client negotiates the 2026-07-28 single-exchange protocol).
@@ -8,31 +9,25 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import anyio
 import httpx
+import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 
-SHOAL = "/opt/shoal/venv/bin/shoal"
-LOCAL_KEY = Path("/var/lib/shoal/local.key")
 TOOLS = {"create_sandbox", "list_sandboxes", "delete_sandbox", "run_command", "read_file", "write_file",
          "list_files"}
 MARK = {"suite": "test_mcp"}
 
 
 @dataclass
-class Daemon:
+class Target:
+    """The daemon's MCP endpoint, its local key, and the sandboxes a test still has to delete."""
+
     url: str
     key: str
     created: list[str] = field(default_factory=list)
@@ -42,49 +37,21 @@ class Daemon:
         return self.url + "/mcp"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
-    """A real ``shoal serve`` on a free port, default state dirs; stopped with SIGTERM."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="shoal-mcp-test-", suffix=".log", delete=False)
-    proc = subprocess.Popen([SHOAL, "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"shoal serve exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"shoal serve did not answer /health: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.1)
-        d = Daemon(url, LOCAL_KEY.read_text().strip())
-        yield d
-        for sid in d.created:  # whatever a failed test left behind
-            httpx.delete(f"{url}/v1/sandboxes/{sid}", headers={"Authorization": f"Bearer {d.key}"}, timeout=30)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        os.unlink(log.name)
+def target(daemon) -> Iterator[Target]:  # noqa: ANN001 - ``daemon``: conftest's running ``shoal serve``
+    t = Target(daemon.url, daemon.key)
+    yield t
+    for sid in t.created:  # whatever a failed test left behind
+        httpx.delete(f"{t.url}/v1/sandboxes/{sid}", headers={"Authorization": f"Bearer {t.key}"}, timeout=30)
 
 
-def _client(daemon: Daemon, http: httpx.AsyncClient, mode: str) -> Client:
-    return Client(streamable_http_client(daemon.mcp_url, http_client=http), mode=mode)  # type: ignore[arg-type]
+def _http(headers: dict[str, str] | None = None) -> httpx2.AsyncClient:
+    """The HTTP client the MCP transport uses (httpx2 in mcp 2.x); headers carry the API key."""
+    return httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300))
+
+
+def _client(target: Target, http: httpx2.AsyncClient, mode: str) -> Client:
+    return Client(streamable_http_client(target.mcp_url, http_client=http), mode=mode)  # type: ignore[arg-type]
 
 
 def _text(result) -> str:  # noqa: ANN001
@@ -92,10 +59,10 @@ def _text(result) -> str:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
-def test_sandbox_workflow(daemon: Daemon, mode: str) -> None:
+def test_sandbox_workflow(target: Target, mode: str) -> None:
     async def main() -> None:
-        async with create_mcp_http_client(headers={"Authorization": f"Bearer {daemon.key}"}) as http, \
-                _client(daemon, http, mode) as client:
+        async with _http(headers={"Authorization": f"Bearer {target.key}"}) as http, \
+                _client(target, http, mode) as client:
             if mode == "auto":
                 assert client.protocol_version == "2026-07-28"
 
@@ -110,7 +77,7 @@ def test_sandbox_workflow(daemon: Daemon, mode: str) -> None:
             assert not created.is_error, _text(created)
             info = created.structured_content
             sid = info["id"]
-            daemon.created.append(sid)
+            target.created.append(sid)
             assert info["template"] == "minimal" and info["state"] == "running"
             assert info["metadata"] == MARK and info["expires_at"]
             assert sid in _text(created)
@@ -169,7 +136,7 @@ def test_sandbox_workflow(daemon: Daemon, mode: str) -> None:
             deleted = await client.call_tool("delete_sandbox", {"sandbox_id": sid})
             assert not deleted.is_error, _text(deleted)
             assert deleted.structured_content == {"id": sid, "deleted": True}
-            daemon.created.remove(sid)
+            target.created.remove(sid)
 
             after = await client.call_tool("list_sandboxes", {})
             assert sid not in {s["id"] for s in after.structured_content["sandboxes"]}
@@ -180,11 +147,11 @@ def test_sandbox_workflow(daemon: Daemon, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
-def test_errors_are_tool_errors(daemon: Daemon, mode: str) -> None:
+def test_errors_are_tool_errors(target: Target, mode: str) -> None:
     """Bad ids and bad arguments come back as isError results; the session keeps working."""
     async def main() -> None:
-        async with create_mcp_http_client(headers={"X-API-Key": daemon.key}) as http, \
-                _client(daemon, http, mode) as client:
+        async with _http(headers={"X-API-Key": target.key}) as http, \
+                _client(target, http, mode) as client:
             for tool, args in [("run_command", {"sandbox_id": "nosuchsandbox1", "command": "echo hi"}),
                                ("read_file", {"sandbox_id": "nosuchsandbox1", "path": "/etc/hostname"}),
                                ("write_file", {"sandbox_id": "nosuchsandbox1", "path": "x", "content": "y"}),
@@ -206,7 +173,7 @@ def test_errors_are_tool_errors(daemon: Daemon, mode: str) -> None:
     anyio.run(main)
 
 
-def test_keys_see_only_their_own_sandboxes(daemon: Daemon) -> None:
+def test_keys_see_only_their_own_sandboxes(target: Target) -> None:
     from shoal.engine.keys import KeyStore
     from shoal.settings import Settings
 
@@ -214,13 +181,13 @@ def test_keys_see_only_their_own_sandboxes(daemon: Daemon) -> None:
     other, other_secret = store.create(name=f"test-mcp-{os.getpid()}")
 
     async def main() -> None:
-        async with create_mcp_http_client(headers={"Authorization": f"Bearer {daemon.key}"}) as http, \
-                _client(daemon, http, "legacy") as client:
+        async with _http(headers={"Authorization": f"Bearer {target.key}"}) as http, \
+                _client(target, http, "legacy") as client:
             created = await client.call_tool("create_sandbox", {"metadata": MARK})
             sid = created.structured_content["id"]
-            daemon.created.append(sid)
-            async with create_mcp_http_client(headers={"Authorization": f"Bearer {other_secret}"}) as http2, \
-                    _client(daemon, http2, "auto") as intruder:
+            target.created.append(sid)
+            async with _http(headers={"Authorization": f"Bearer {other_secret}"}) as http2, \
+                    _client(target, http2, "auto") as intruder:
                 theirs = await intruder.call_tool("list_sandboxes", {})
                 assert sid not in {s["id"] for s in theirs.structured_content["sandboxes"]}
                 for tool, args in [("run_command", {"sandbox_id": sid, "command": "id"}),
@@ -231,7 +198,7 @@ def test_keys_see_only_their_own_sandboxes(daemon: Daemon) -> None:
             still = await client.call_tool("run_command", {"sandbox_id": sid, "command": "echo alive"})
             assert still.structured_content["stdout"] == "alive\n"
             assert not (await client.call_tool("delete_sandbox", {"sandbox_id": sid})).is_error
-            daemon.created.remove(sid)
+            target.created.remove(sid)
 
     try:
         anyio.run(main)
@@ -247,34 +214,34 @@ MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-not-a-real-key"}, {"X-API-Key": "nope"},
                                      {"Authorization": "Basic dXNlcjpwYXNz"}])
-def test_without_a_valid_key_401(daemon: Daemon, headers: dict[str, str]) -> None:
-    r = httpx.post(daemon.mcp_url, json=INIT, headers={**MCP_HEADERS, **headers}, timeout=10)
+def test_without_a_valid_key_401(target: Target, headers: dict[str, str]) -> None:
+    r = httpx.post(target.mcp_url, json=INIT, headers={**MCP_HEADERS, **headers}, timeout=10)
     assert r.status_code == 401
     body = r.json()
     assert body["code"] == "unauthorized" and body["message"]
     assert r.headers["www-authenticate"] == "Bearer"
 
 
-def test_official_client_without_key_fails(daemon: Daemon) -> None:
+def test_official_client_without_key_fails(target: Target) -> None:
     async def main() -> None:
-        async with create_mcp_http_client() as http:
+        async with _http() as http:
             with pytest.raises(Exception):  # noqa: B017 - any failure; what matters is that it is refused
-                async with _client(daemon, http, "legacy") as client:
+                async with _client(target, http, "legacy") as client:
                     await client.list_tools()
 
     anyio.run(main)
 
 
-def test_stateless_json_responses(daemon: Daemon) -> None:
+def test_stateless_json_responses(target: Target) -> None:
     """No session id: every POST stands alone, and the answer is plain JSON (not an SSE stream)."""
-    r = httpx.post(daemon.mcp_url, json=INIT, headers={**MCP_HEADERS, "Authorization": f"Bearer {daemon.key}"},
+    r = httpx.post(target.mcp_url, json=INIT, headers={**MCP_HEADERS, "Authorization": f"Bearer {target.key}"},
                    timeout=10)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/json")
     assert "mcp-session-id" not in r.headers
     assert r.json()["result"]["serverInfo"]["name"] == "shoal"
-    listed = httpx.post(daemon.mcp_url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
-                        headers={**MCP_HEADERS, "Authorization": f"Bearer {daemon.key}",
+    listed = httpx.post(target.mcp_url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+                        headers={**MCP_HEADERS, "Authorization": f"Bearer {target.key}",
                                  "Mcp-Protocol-Version": "2025-06-18"}, timeout=10)
     assert listed.status_code == 200, listed.text
     assert {t["name"] for t in listed.json()["result"]["tools"]} == TOOLS
