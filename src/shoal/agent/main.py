@@ -42,6 +42,7 @@ _OPS = {
     "file.move": ("shoal.agent.files", "move"),
     "file.remove": ("shoal.agent.files", "remove"),
     "file.watch": ("shoal.agent.watch", "watch"),
+    "port.connect": ("shoal.agent.ports", "connect"),
 }
 _import_lock = _thread.allocate_lock()
 

@@ -134,6 +134,12 @@ class FrameReader:
         del self._buf[:HEADER_SIZE + length]
         return kind, payload
 
+    def take_buffered(self) -> bytes:
+        """Hand over bytes read past the last frame (when a connection switches to raw bytes)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def buffered(self) -> bool:
         """True if a whole frame header is already buffered (no syscall needed to start it)."""
         return len(self._buf) >= HEADER_SIZE

@@ -136,6 +136,17 @@ class AsyncAgentClient:
             conn.close()
             raise
 
+    async def open_port(self, port: int, host: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A raw byte stream to ``host:port`` inside the sandbox (relayed by the agent)."""
+        conn = await self.connect()
+        try:
+            await conn.send({"op": "port.connect", "port": port, "host": host})
+            await conn.read_msg()
+        except BaseException:
+            conn.close()
+            raise
+        return conn.reader, conn.writer
+
     async def read_file(self, path: str, user: str | None = None) -> tuple[dict, AsyncIterator[bytes]]:
         """The file's entry, and its contents as chunks (errors surface before the first chunk)."""
         conn = await self.connect()
