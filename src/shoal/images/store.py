@@ -18,8 +18,6 @@ gets a new mount point while sandboxes still running on the old one keep it.
 from __future__ import annotations
 
 import builtins
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -47,21 +45,6 @@ Progress = Callable[[str, float | None], None]
 IMAGE_NAME = "image.erofs"
 META_NAME = "meta.json"
 LOG_NAME = "build.log"
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def _umount_if_idle(target: Path) -> bool:
-    """umount2(target, 0) without the lazy fallback of ``mounts.umount``: EBUSY must reach the
-    caller, because "busy" means sandboxes still use the template. False if nothing was mounted."""
-    if _libc.umount2(os.fsencode(target), 0) == 0:
-        return True
-    no = ctypes.get_errno()
-    if no in (errno.EINVAL, errno.ENOENT):
-        return False
-    raise OSError(no, f"umount {target}: {os.strerror(no)}")
-
 
 @contextmanager
 def _flock(path: Path) -> Iterator[None]:
@@ -245,7 +228,7 @@ class TemplateStore:
         point = self._mount_point(name, digest)
         with _flock(self._mount_lock(name)):
             try:
-                _umount_if_idle(point)
+                mounts.umount(point, strict=True)
             except OSError as err:
                 if err.errno != errno.EBUSY:
                     raise from_errno(err, f"unmount template '{name}'") from err
@@ -303,7 +286,7 @@ class TemplateStore:
                     raise Conflict(f"template '{name}' is in use by {len(users)} sandbox overlay(s) "
                                    f"(first: {users[0]}); stop them first")
                 try:
-                    _umount_if_idle(point)
+                    mounts.umount(point, strict=True)
                 except OSError as err:
                     if err.errno == errno.EBUSY:
                         raise Conflict(f"template '{name}' is in use by sandboxes (mounted at {point}); "

@@ -35,15 +35,18 @@ def mount(source: str | os.PathLike, target: str | os.PathLike, fstype: str, fla
         raise OSError(no, f"mount {fstype} on {target}: {os.strerror(no)}")
 
 
-def umount(target: str | os.PathLike, lazy: bool = False) -> bool:
-    """Unmount ``target``; return False if nothing was mounted there (EINVAL/ENOENT)."""
+def umount(target: str | os.PathLike, lazy: bool = False, strict: bool = False) -> bool:
+    """Unmount ``target``; return False if nothing was mounted there (EINVAL/ENOENT).
+
+    A busy mount is detached lazily unless ``strict``, where EBUSY reaches the caller (for whom
+    "busy" is information, e.g. a template still under sandboxes)."""
     rc = _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0)
     if rc == 0:
         return True
     no = ctypes.get_errno()
     if no in (errno.EINVAL, errno.ENOENT):  # not a mount point, or gone: already clean
         return False
-    if no == errno.EBUSY and not lazy:
+    if no == errno.EBUSY and not lazy and not strict:
         return umount(target, lazy=True)
     raise OSError(no, f"umount {target}: {os.strerror(no)}")
 
