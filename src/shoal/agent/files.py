@@ -347,7 +347,11 @@ def _write(sock, reader: p.FrameReader, req: dict, user: users.User) -> None:  #
                     os.fchown(fd, user.uid, user.gid)
         else:
             tmp = os.path.join(parent, f".{os.path.basename(path)}.shoal-{os.getpid()}-{time.monotonic_ns()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError as exc:  # name the file the caller asked for, not our temp file
+                tmp = None
+                raise OSError(exc.errno, exc.strerror, path) from exc
     except (ValueError, LookupError) as exc:
         reply = p.error_reply("invalid_argument", str(exc))
     except OSError as exc:

@@ -1,8 +1,13 @@
-"""The ``shoal`` command. Each verb is a few lines over the engine; errors are one line, never a
-traceback, and a command run in a sandbox passes its exit code through.
+"""The ``shoal`` command. Sandbox verbs (run, create, exec, shell, cp, ls, rm, pause, resume) go
+through the daemon with the Python SDK; ``template``, ``keys``, ``serve`` and ``bench`` work on this
+host directly. Errors are one line, never a traceback, and a command run in a sandbox passes its
+exit code through.
 
 Script contract (kept stable): ``shoal create`` prints only the id on stdout; ``shoal exec`` and
 ``shoal run`` exit with the command's exit code (124 on timeout, 127 if it cannot be executed).
+
+The daemon is ``SHOAL_URL`` (default http://127.0.0.1:4040) with ``SHOAL_API_KEY`` (default: the
+local key, for root); the default local daemon is started on first use if it is not running.
 """
 
 from __future__ import annotations
@@ -13,26 +18,35 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
 from shoal.cli.output import EXIT_NOT_FOUND, EXIT_TIMEOUT, fail, fail_on, progress_display
 
 if TYPE_CHECKING:
+    from shoal.cli.remote import Daemon
+    from shoal.client import CommandResult, Sandbox
     from shoal.engine import Engine
-    from shoal.runtime.agent_client import ExecResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Shoal: fast, isolated sandboxes for AI agents on your own Linux box.")
 template_app = typer.Typer(no_args_is_help=True, help="Build, list and remove templates.")
 app.add_typer(template_app, name="template")
+daemon_app = typer.Typer(no_args_is_help=True, help="The daemon the CLI started for you.")
+app.add_typer(daemon_app, name="daemon")
 
 _CMD: dict = {}  # options may follow ID; everything after `--` is the command
-_engine_instance: Optional["Engine"] = None
+_engine_instance: Engine | None = None
+_daemon: Daemon | None = None
+#: `shoal run`'s sandbox expires this long after its last sign of life (if the CLI is killed -9).
+RUN_TTL = 60
+#: `shoal create`'s sandbox lives until `shoal rm`, at most this long (the API's upper bound).
+CREATE_TTL = 7 * 24 * 3600
 
 
-def engine(reconcile: bool = False) -> "Engine":
+def engine(reconcile: bool = False) -> Engine:
+    """The local engine, for the verbs that do not go through the daemon (bench)."""
     global _engine_instance
     if _engine_instance is None:
         from shoal.engine import Engine
@@ -40,6 +54,20 @@ def engine(reconcile: bool = False) -> "Engine":
     if reconcile:
         _engine_instance.reconcile()
     return _engine_instance
+
+
+def daemon() -> Daemon:
+    """The daemon at SHOAL_URL (started here if it is the default local one and is down)."""
+    global _daemon
+    if _daemon is None:
+        from shoal.cli.remote import connect
+        _daemon = connect()
+    return _daemon
+
+
+def sandbox(sandbox_id: str) -> Sandbox:
+    from shoal.client import Sandbox
+    return Sandbox.connect(sandbox_id, **daemon().kwargs)
 
 
 def _command(cmd: list[str] | None) -> list[str]:
@@ -58,34 +86,33 @@ def _parse_env(pairs: list[str] | None) -> dict[str, str]:
     return env
 
 
-def _ensure_template(eng: "Engine", name: str) -> None:
-    """Build a known template on first use, with a progress display (so `shoal run` just works)."""
-    if not eng.templates.get(name).built:
+def _ensure_template(name: str) -> None:
+    """Build a known template on first use with a progress display, when the daemon is on this host
+    and we may (root); otherwise the daemon builds it (silently) on create."""
+    from shoal.client._config import is_loopback
+    if os.geteuid() != 0 or not is_loopback(daemon().url):
+        return
+    from shoal.images import TemplateStore
+    store = TemplateStore()
+    if not store.get(name).built:
         with progress_display(f"building template {name}") as progress:
-            eng.templates.build(name, progress=progress)
+            store.build(name, progress=progress)
 
 
-def _stream_result(eng: "Engine", sid: str, cmd: list[str], env: dict[str, str], cwd: str | None,
-                   user: str | None, timeout: float | None, forward_stdin: bool) -> "ExecResult":
+def _stream_result(sb: Sandbox, cmd: list[str], env: dict[str, str], cwd: str | None, user: str | None,
+                   timeout: float | None, forward_stdin: bool) -> CommandResult:
+    """Run ``cmd``, writing its output byte for byte as it comes, stdin streamed when forwarded."""
     out, err = sys.stdout.buffer, sys.stderr.buffer
-
-    def write(stream):  # noqa: ANN001, ANN202
-        def emit(data: bytes) -> None:
-            stream.write(data)
-            stream.flush()
-        return emit
-
-    agent = eng.agent(sid)
-    stream = agent.start(cmd, env=env or None, cwd=cwd, user=user, timeout=timeout, stdin=forward_stdin)
-    if forward_stdin:
-        def pump() -> None:
-            stdin = sys.stdin.buffer
-            stream.feed(iter(lambda: stdin.read1(65536), b""))
-        threading.Thread(target=pump, daemon=True).start()
-    return stream.wait(write(out), write(err), max_output=0)
+    handle = sb.commands.run(cmd, env=env or None, cwd=cwd, user=user, timeout=timeout,
+                             stdin=sys.stdin.buffer if forward_stdin else None, background=True)
+    for chunk in handle:
+        stream = err if chunk.stream == "stderr" else out
+        stream.write(chunk.data)
+        stream.flush()
+    return handle.wait()
 
 
-def _exit_with(result: "ExecResult", timeout: float | None) -> None:
+def _exit_with(result: CommandResult, timeout: float | None) -> None:
     if result.timed_out:
         fail(f"command timed out after {timeout:g} s and was killed", EXIT_TIMEOUT)
     raise typer.Exit(result.exit_code)
@@ -96,6 +123,14 @@ def _exec_errors(exc: BaseException) -> None:
     if isinstance(exc, NotFound) and "cannot execute" in exc.message:
         fail(exc.message, EXIT_NOT_FOUND)
     fail_on(exc)
+
+
+def _interrupt_on_term() -> None:
+    """SIGTERM and SIGHUP end the CLI like Ctrl-C does (so `shoal run` still cleans up)."""
+    def raise_interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_interrupt)
 
 
 # --- sandboxes ------------------------------------------------------------------------------
@@ -111,43 +146,66 @@ def run(cmd: list[str] = typer.Argument(None, metavar="-- CMD...", help="Command
     cmd = _command(cmd)
     if not cmd:
         fail("missing command: shoal run [--template T] -- CMD...", 2)
-    sid = None
+    env_vars = _parse_env(env)
+    sb = None
+    stop = threading.Event()
     try:
-        eng = engine(reconcile=True)
-        _ensure_template(eng, template)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        sid = eng.create(template, cpu=cpu, memory_mb=memory, owner_pid=os.getpid()).id
-        result = _stream_result(eng, sid, cmd, _parse_env(env), cwd, user, timeout, not sys.stdin.isatty())
+        _interrupt_on_term()
+        _ensure_template(template)
+        from shoal.client import Sandbox
+        sb = Sandbox.create(template, cpu=cpu, memory_mb=memory, timeout=RUN_TTL,
+                            metadata={"created_by": "shoal run"}, **daemon().kwargs)
+        threading.Thread(target=_keep_alive, args=(sb, stop), daemon=True, name="shoal-keepalive").start()
+        result = _stream_result(sb, cmd, env_vars, cwd, user, timeout, not sys.stdin.isatty())
     except (typer.Exit, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001
-        _cleanup(sid)
+        stop.set()
+        _cleanup(sb)
         _exec_errors(exc)
-    _cleanup(sid)
+    stop.set()
+    _cleanup(sb)
     _exit_with(result, timeout)
 
 
-def _cleanup(sid: str | None) -> None:
-    if sid is not None:
+def _keep_alive(sb: Sandbox, stop: threading.Event) -> None:
+    """Push the expiry of `shoal run`'s sandbox forward while the CLI lives."""
+    from shoal.errors import ShoalError
+    while not stop.wait(RUN_TTL / 4):
         try:
-            engine().destroy(sid)
-        except BaseException:  # noqa: BLE001 - reconcile finishes it on the next start
+            sb.set_timeout(RUN_TTL)
+        except ShoalError:
             pass
+
+
+def _cleanup(sb: Sandbox | None) -> None:
+    if sb is not None:
+        try:
+            sb.kill()
+        except BaseException:  # noqa: BLE001 - it expires on its own within RUN_TTL
+            pass
+        sb.close()
 
 
 @app.command()
 def create(template: str = typer.Option("minimal", "--template", "-t"),
            cpu: float = typer.Option(1.0, help="CPU cores."), memory: int = typer.Option(512, help="Memory in MiB."),
            disk: int = typer.Option(1024, help="Writable layer size in MiB."),
-           env: list[str] = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable.")) -> None:
+           env: list[str] = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable."),
+           timeout: int = typer.Option(CREATE_TTL, help="Delete it after this many seconds (default 7 days)."),
+           metadata: list[str] = typer.Option(None, "--metadata", "-m", help="KEY=VALUE label, repeatable.")
+           ) -> None:
     """Create a sandbox that stays until `shoal rm`; print its id alone on stdout."""
+    env_vars, labels = _parse_env(env), _parse_env(metadata)
     try:
-        eng = engine(reconcile=True)
-        _ensure_template(eng, template)
-        rec = eng.create(template, cpu=cpu, memory_mb=memory, disk_mb=disk, env=_parse_env(env))
+        _ensure_template(template)
+        from shoal.client import Sandbox
+        sb = Sandbox.create(template, cpu=cpu, memory_mb=memory, disk_mb=disk, env=env_vars, metadata=labels,
+                            timeout=timeout, **daemon().kwargs)
+        sb.close()
     except BaseException as exc:  # noqa: BLE001
         fail_on(exc)
-    typer.echo(rec.id)
+    typer.echo(sb.id)
 
 
 @app.command("exec", context_settings=_CMD)
@@ -163,8 +221,9 @@ def exec_(sandbox_id: str = typer.Argument(..., metavar="ID"),
     if not cmd:
         fail("missing command: shoal exec ID -- CMD...", 2)
     forward = (not sys.stdin.isatty()) if interactive is None else interactive
+    env_vars = _parse_env(env)
     try:
-        result = _stream_result(engine(), sandbox_id, cmd, _parse_env(env), cwd, user, timeout, forward)
+        result = _stream_result(sandbox(sandbox_id), cmd, env_vars, cwd, user, timeout, forward)
     except (typer.Exit, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001
@@ -177,7 +236,7 @@ def shell(sandbox_id: str = typer.Argument(..., metavar="ID"), user: str = typer
     """Open an interactive terminal in a sandbox."""
     from shoal.cli.terminal import interactive_shell
     try:
-        code = interactive_shell(engine().agent(sandbox_id))
+        code = interactive_shell(sandbox(sandbox_id), user=user)
     except BaseException as exc:  # noqa: BLE001
         fail_on(exc)
     raise typer.Exit(code)
@@ -189,27 +248,37 @@ def cp(src: str = typer.Argument(..., help="Local path or ID:/path."),
     """Copy files or directories between the host and a sandbox (ID:/path on either side)."""
     from shoal.cli.copy import copy
     try:
-        copy(engine(), src, dst)
+        copy(sandbox, src, dst)
     except BaseException as exc:  # noqa: BLE001
         fail_on(exc)
 
 
 @app.command("ls")
-def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List sandboxes."""
+def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+          state: list[str] = typer.Option(None, "--state", help="Only sandboxes in this state (repeatable)."),
+          metadata: list[str] = typer.Option(None, "--metadata", "-m", help="KEY=VALUE that must match.")) -> None:
+    """List sandboxes (the API key's own)."""
+    labels = _parse_env(metadata)
     try:
-        records = engine(reconcile=True).list()
+        from shoal.client import Sandbox
+        infos = Sandbox.list(state=state or None, metadata=labels or None, **daemon().kwargs)
     except BaseException as exc:  # noqa: BLE001
         fail_on(exc)
     if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in records], indent=2))
+        rows = [{"id": i.id, "template": i.template, "state": i.state, "cpu": i.cpu, "memory_mb": i.memory_mb,
+                 "disk_mb": i.disk_mb, "created_at": i.created_at.isoformat() if i.created_at else None,
+                 "expires_at": i.expires_at.isoformat() if i.expires_at else None, "metadata": i.metadata}
+                for i in infos]
+        typer.echo(json.dumps(rows, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
-    table = Table("ID", "TEMPLATE", "STATE", "CPU", "MEMORY", "AGE", box=None)
+    table = Table("ID", "TEMPLATE", "STATE", "CPU", "MEMORY", "AGE", "EXPIRES IN", box=None)
     now = time.time()
-    for r in records:
-        table.add_row(r.id, r.template, r.state.value, f"{r.cpu:g}", f"{r.memory_mb} MiB", _age(now - r.created_at))
+    for i in infos:
+        age = _age(now - i.created_at.timestamp()) if i.created_at else "-"
+        left = _age(max(0.0, i.expires_at.timestamp() - now)) if i.expires_at else "-"
+        table.add_row(i.id, i.template, i.state, f"{i.cpu:g}", f"{i.memory_mb} MiB", age, left)
     Console().print(table)
 
 
@@ -220,21 +289,72 @@ def _age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
-@app.command()
-def rm(sandbox_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:
-    """Delete sandboxes (everything they had on the host goes with them)."""
+def _each(sandbox_ids: list[str], action: str) -> None:
+    """Apply ``action`` (kill, pause, resume) to each sandbox; one line per failure, exit 1 if any."""
+    from shoal.errors import NotFound, ShoalError
     failed = False
     for sid in sandbox_ids:
         try:
-            engine().destroy(sid)
+            sb = sandbox(sid)
+            try:
+                if action == "kill" and not sb.kill():
+                    raise NotFound(f"sandbox {sid} does not exist")
+                if action != "kill":
+                    getattr(sb, action)()
+            finally:
+                sb.close()
         except BaseException as exc:  # noqa: BLE001
-            from shoal.errors import ShoalError
             if not isinstance(exc, ShoalError):
                 fail_on(exc)
             sys.stderr.write(f"shoal: {exc.message}\n")
             failed = True
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def rm(sandbox_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:
+    """Delete sandboxes (everything they had on the host goes with them)."""
+    _each(sandbox_ids, "kill")
+
+
+@app.command()
+def pause(sandbox_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:
+    """Freeze every process of the sandboxes (memory and files stay) until `shoal resume`."""
+    _each(sandbox_ids, "pause")
+
+
+@app.command()
+def resume(sandbox_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:
+    """Thaw paused sandboxes."""
+    _each(sandbox_ids, "resume")
+
+
+# --- the daemon the CLI starts ---------------------------------------------------------------
+@daemon_app.command("status")
+def daemon_status() -> None:
+    """Say whether a daemon answers at SHOAL_URL (default http://127.0.0.1:4040)."""
+    from shoal.cli.remote import healthy
+    from shoal.client._config import resolve_url
+    try:
+        url = resolve_url()
+    except BaseException as exc:  # noqa: BLE001
+        fail_on(exc)
+    if not healthy(url):
+        fail(f"no Shoal daemon answers at {url}")
+    typer.echo(f"running at {url}")
+
+
+@daemon_app.command("stop")
+def daemon_stop() -> None:
+    """Stop the daemon the CLI started in the background (its pid is in /run/shoal/daemon.pid)."""
+    from shoal.cli.remote import stop
+    try:
+        pid = stop()
+    except BaseException as exc:  # noqa: BLE001
+        fail_on(exc)
+    typer.echo(f"stopped the daemon (pid {pid})", err=True)
+
 
 
 # --- templates ------------------------------------------------------------------------------
@@ -288,7 +408,8 @@ def serve(host: str = typer.Option(None, help="Bind address (env SHOAL_HOST, def
           port: int = typer.Option(None, help="Port (env SHOAL_PORT, default 4040)."),
           log_level: str = typer.Option("info", help="debug, info, warning, error.")) -> None:
     """Run the Shoal daemon (REST API, MCP, metrics) in the foreground."""
-    from shoal.server.daemon import DEFAULT_HOST, DEFAULT_PORT, DaemonConfig, serve as run_daemon
+    from shoal.server.daemon import DEFAULT_HOST, DEFAULT_PORT, DaemonConfig
+    from shoal.server.daemon import serve as run_daemon
     try:
         run_daemon(DaemonConfig(host=host or os.environ.get("SHOAL_HOST") or DEFAULT_HOST,
                                 port=port or int(os.environ.get("SHOAL_PORT") or DEFAULT_PORT), log_level=log_level))
@@ -296,6 +417,22 @@ def serve(host: str = typer.Option(None, help="Bind address (env SHOAL_HOST, def
         if isinstance(exc, (SystemExit, KeyboardInterrupt)):
             raise SystemExit(0) from None
         fail_on(exc)
+
+
+@app.command("e2b-env")
+def e2b_env() -> None:
+    """Print the exports that point the E2B SDKs at this daemon: eval "$(shoal e2b-env)"."""
+    import shlex
+
+    try:
+        from shoal.client._config import resolve_api_key, resolve_url
+        from shoal.engine.keys import e2b_form
+        url = resolve_url()
+        key = e2b_form(resolve_api_key(None, url))
+    except BaseException as exc:  # noqa: BLE001
+        fail_on(exc)
+    for name, value in (("E2B_API_KEY", key), ("E2B_API_URL", url), ("E2B_SANDBOX_URL", url)):
+        print(f"export {name}={shlex.quote(value)}")
 
 
 def _key_store():  # noqa: ANN202

@@ -1,70 +1,83 @@
-"""``shoal shell``: a real terminal into a sandbox (raw mode, resize, exit code)."""
+"""``shoal shell``: a real terminal into a sandbox over the daemon's PTY WebSocket (raw mode,
+SIGWINCH → resize, the shell's exit code)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
 import signal
 import sys
 import termios
+import threading
 import tty
 
-from shoal.runtime.agent_client import AgentClient
+from shoal.client import Sandbox
+from shoal.errors import ShoalError
 
 
-def _shell_argv(agent: AgentClient) -> list[str]:
+def _shell_argv(sb: Sandbox) -> list[str]:
     for path in ("/bin/bash", "/bin/sh"):
-        if agent.exists(path):
+        if sb.files.exists(path):
             return [path, "-l"]
     return ["/bin/sh"]
 
 
-def interactive_shell(agent: AgentClient, user: str | None = None) -> int:
+def interactive_shell(sb: Sandbox, user: str | None = None) -> int:
     """Run a login shell on a PTY, wiring it to this terminal until it exits; return its exit code."""
     size = shutil.get_terminal_size()
-    stream = agent.start(_shell_argv(agent), pty=(size.columns, size.lines), user=user)
+    pty = sb.pty.create(_shell_argv(sb), cols=size.columns, rows=size.lines, user=user)
     stdin_fd = sys.stdin.fileno()
     is_tty = os.isatty(stdin_fd)
     saved = termios.tcgetattr(stdin_fd) if is_tty else None
     wake_r, wake_w = os.pipe()
+    out = sys.stdout.buffer
 
     def on_resize(*_: object) -> None:
         os.write(wake_w, b"r")
+
+    def pump_output() -> None:
+        try:
+            for data in pty:
+                out.write(data)
+                out.flush()
+        except Exception:  # noqa: BLE001 - wait() below reports what went wrong
+            pass
+        finally:
+            os.write(wake_w, b"e")
 
     old_handler = signal.signal(signal.SIGWINCH, on_resize)
     try:
         if is_tty:
             tty.setraw(stdin_fd)
-        events = iter(stream)
-        sock = stream.conn.sock
-        out = sys.stdout.buffer
-        inputs = [sock, stdin_fd, wake_r]
+        threading.Thread(target=pump_output, daemon=True, name="shoal-shell-output").start()
+        inputs = [stdin_fd, wake_r]
         while True:
-            ready = [sock] if stream.conn.reader.buffered() else select.select(inputs, [], [])[0]
+            try:
+                ready = select.select(inputs, [], [])[0]
+            except InterruptedError:
+                continue
             if wake_r in ready:
-                os.read(wake_r, 64)
+                wake = os.read(wake_r, 64)
+                if b"e" in wake:
+                    break
                 size = shutil.get_terminal_size()
-                stream.resize(size.columns, size.lines)
+                with contextlib.suppress(ShoalError):  # the shell is gone: its end is on the way
+                    pty.resize(size.columns, size.lines)
             if stdin_fd in ready:
                 data = os.read(stdin_fd, 4096)
-                if data:
-                    stream.send_stdin(data)
-                else:  # our stdin ended (a pipe): stop reading it, let the shell finish
+                if not data:  # our stdin ended (a pipe): stop reading it, let the shell finish
                     inputs.remove(stdin_fd)
-                    stream.send_stdin(b"\x04")
-            if sock in ready:
-                ev = next(events)
-                if ev.kind == "end":
-                    break
-                out.write(ev.data)
-                out.flush()
+                with contextlib.suppress(ShoalError):
+                    pty.send(data or b"\x04")
     finally:
         if saved is not None:
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
         signal.signal(signal.SIGWINCH, old_handler)
+    try:
+        return pty.wait()
+    finally:
+        pty.close()
         os.close(wake_r)
         os.close(wake_w)
-        stream.close()
-    assert stream.result is not None
-    return stream.result.exit_code

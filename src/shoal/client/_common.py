@@ -5,9 +5,13 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
+from shoal.client._config import start_hint
+from shoal.client.models import CommandResult, Output
 from shoal.errors import (
     CapacityExceeded,
     Conflict,
@@ -20,8 +24,6 @@ from shoal.errors import (
     ShoalError,
     Unauthorized,
 )
-from shoal.client._config import start_hint
-from shoal.client.models import CommandResult, Output
 
 _BY_STATUS: dict[int, type[ShoalError]] = {400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
                                            409: Conflict, 429: QuotaExceeded, 503: CapacityExceeded}
@@ -115,7 +117,13 @@ def stdin_chunks(data: bytes | str) -> list[bytes]:
 
 
 def file_chunks(f: Any) -> Any:
-    """A binary file object as an iterator of chunks, each returned as soon as it is available."""
+    """A binary file object as an iterator of chunks, each returned as soon as it is available.
+
+    The process' own stdin is read with ``os.read`` on its descriptor: a thread blocked in its
+    buffered reader would make the interpreter abort at exit ("could not acquire lock ...")."""
+    if f in (sys.stdin, sys.stdin.buffer if sys.stdin else None, sys.__stdin__) and f is not None:
+        fd = f.fileno()
+        return iter(lambda: os.read(fd, CHUNK), b"")
     read = getattr(f, "read1", None) or f.read
     return iter(lambda: read(CHUNK), b"")
 

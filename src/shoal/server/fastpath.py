@@ -58,7 +58,7 @@ class ExecFastPath:
             req = ExecRequest.model_validate_json(body)
         except ValidationError:
             return await self._replay(scope, body, receive, send)  # let FastAPI phrase the 400
-        if req.stream or req.background:
+        if req.stream or req.background or req.stdin_open:
             return await self._replay(scope, body, receive, send)
         started = time.perf_counter()
         try:

@@ -57,6 +57,7 @@ class ExecRequest(Strict):
     user: str | None = Field(None, max_length=256)
     timeout: float | None = Field(None, gt=0, le=7 * 24 * 3600)
     stdin: str | None = Field(None, description="Text fed to stdin, then closed.")
+    stdin_open: bool = Field(False, description="Keep stdin open (write later via /processes/{pid}/stdin).")
     background: bool = Field(False, description="Return the pid at once; the process keeps running.")
     stream: bool = Field(False, description="Stream events as NDJSON (or SSE with Accept: text/event-stream).")
     tag: str | None = Field(None, max_length=256)

@@ -27,7 +27,7 @@ def _start_request(body: ExecRequest) -> dict:
     for field in ("cwd", "user", "timeout", "tag"):
         if getattr(body, field) is not None:
             req[field] = getattr(body, field)
-    if body.stdin is not None:
+    if body.stdin is not None or body.stdin_open:
         req["stdin"] = True
     return req
 
@@ -45,7 +45,8 @@ async def exec_command(body: ExecRequest, request: Request, agent: AsyncAgentCli
     stream = await agent.start(_start_request(body))
     if body.stdin is not None:
         await stream.send_stdin(body.stdin.encode())
-        await stream.control({"op": "close_stdin"})
+        if not body.stdin_open:
+            await stream.control({"op": "close_stdin"})
     if body.background:
         stream.close()
         return JSONResponse(Started(pid=stream.pid).model_dump())

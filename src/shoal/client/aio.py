@@ -1,0 +1,707 @@
+"""The asyncio SDK: ``AsyncSandbox``, the twin of ``Sandbox`` with the same surface, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from typing import Any
+
+import httpx
+
+from shoal.client import _common as c
+from shoal.client._config import CONNECT_TIMEOUT, ClientConfig, ws_url
+from shoal.client.models import CommandResult, EntryInfo, FilesystemEvent, Output, ProcessInfo, SandboxInfo
+from shoal.client.sync import STREAM_TIMEOUT, _list_params
+from shoal.errors import Conflict, NotFound, RuntimeFailure, ShoalError
+
+_UNSET: Any = object()
+
+
+class _AsyncHttp:
+    def __init__(self, config: ClientConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.config = config
+        self.client = httpx.AsyncClient(base_url=config.url, headers=config.headers, transport=transport,
+                                        timeout=httpx.Timeout(config.request_timeout, connect=CONNECT_TIMEOUT))
+
+    async def send(self, method: str, path: str, *, stream: bool = False, timeout: Any = _UNSET,
+                   **kwargs: Any) -> httpx.Response:
+        if timeout is _UNSET:
+            timeout = STREAM_TIMEOUT if stream else self.client.timeout
+        try:
+            req = self.client.build_request(method, path, timeout=timeout, **kwargs)
+            resp = await self.client.send(req, stream=stream)
+        except httpx.ConnectError as exc:
+            raise c.unreachable(self.config.url, exc) from None
+        except httpx.TimeoutException as exc:
+            raise c.make_error(RuntimeFailure, f"the Shoal daemon at {self.config.url} did not answer in time "
+                                               f"({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise c.lost(self.config.url, exc) from None
+        if resp.status_code >= 400:
+            try:
+                body = await resp.aread()
+            except httpx.HTTPError:
+                body = b""
+            finally:
+                await resp.aclose()
+            raise c.error_from_body(resp.status_code, body)
+        return resp
+
+    async def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = await self.send(method, path, **kwargs)
+        return resp.json() if resp.content else None
+
+    async def lines(self, resp: httpx.Response) -> AsyncIterator[str]:
+        try:
+            async for line in resp.aiter_lines():
+                if line:
+                    yield line
+        except httpx.TransportError as exc:
+            raise c.lost(self.config.url, exc) from None
+        finally:
+            await resp.aclose()
+
+    async def ws(self, path: str) -> Any:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+        try:
+            return await connect(ws_url(self.config.url, path), additional_headers=self.config.headers,
+                                 compression=None, max_size=16 * 2**20, open_timeout=CONNECT_TIMEOUT + 5,
+                                 close_timeout=2)
+        except InvalidStatus as exc:
+            raise c.error_from_body(exc.response.status_code, exc.response.body or b"") from None
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            raise c.unreachable(self.config.url, exc) from None
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class _AsyncStreamSource:
+    pid = 0
+
+    @classmethod
+    async def open(cls, http: _AsyncHttp, method: str, path: str, **kwargs: Any) -> _AsyncStreamSource:
+        self = cls()
+        self.resp = await http.send(method, path, stream=True, **kwargs)
+        self._lines = http.lines(self.resp)
+        try:
+            first = c.decode_event(await self._lines.__anext__())
+        except StopAsyncIteration:
+            raise c.ended_early() from None
+        except BaseException:
+            await self.resp.aclose()
+            raise
+        if first.get("type") != "start":
+            await self.resp.aclose()
+            raise c.make_error(RuntimeFailure, f"unexpected first event from the daemon: {first.get('type')!r}")
+        self.pid = int(first["pid"])
+        return self
+
+    async def events(self) -> AsyncIterator[Output | dict]:
+        async for line in self._lines:
+            ev = c.decode_event(line)
+            kind = ev.get("type")
+            if kind == "end":
+                yield ev
+                return
+            if kind == "error":
+                raise c.error_from_ws(ev)
+            if "bytes" in ev:
+                yield Output(kind, ev["bytes"])
+        raise c.ended_early()
+
+    async def close(self) -> None:
+        await self.resp.aclose()
+
+
+class _AsyncWsSource:
+    pid = 0
+
+    @classmethod
+    async def open(cls, http: _AsyncHttp, path: str, start: str, stdin: Any = None,
+                   pty: bool = False) -> _AsyncWsSource:
+        from websockets.exceptions import ConnectionClosed
+        self = cls()
+        self.pty = pty
+        self.ws = await http.ws(path)
+        self.feeder: asyncio.Task | None = None
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(start)
+            first = self._control(await self.ws.recv())
+        except ConnectionClosed as exc:
+            await self.ws.close()
+            raise c.make_error(RuntimeFailure, f"the daemon closed the process socket ({exc})") from None
+        except BaseException:
+            await self.ws.close()
+            raise
+        self.pid = int(first["pid"])
+        if stdin is not None and stdin is not True:
+            self.feeder = asyncio.create_task(self._feed(stdin))
+        return self
+
+    def _control(self, message: str | bytes) -> dict:
+        if isinstance(message, bytes):
+            raise c.make_error(RuntimeFailure, "unexpected output before the process started")
+        msg = json.loads(message)
+        if msg.get("type") == "error":
+            raise c.error_from_ws(msg)
+        return msg
+
+    async def _feed(self, data: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+        try:
+            if isinstance(data, (str, bytes, bytearray, memoryview)):
+                for part in c.stdin_chunks(data):
+                    await self.ws.send(part)
+            elif hasattr(data, "__aiter__"):
+                async for chunk in data:
+                    for part in c.stdin_chunks(chunk):
+                        await self.ws.send(part)
+            elif hasattr(data, "read"):
+                read = getattr(data, "read1", None) or data.read
+                while chunk := await asyncio.to_thread(read, c.CHUNK):
+                    await self.ws.send(bytes(chunk))
+            else:
+                for chunk in data:
+                    for part in c.stdin_chunks(chunk):
+                        await self.ws.send(part)
+            if not self.pty:
+                await self.ws.send(json.dumps({"type": "close_stdin"}))
+        except (ConnectionClosed, OSError, ValueError):
+            pass
+
+    async def send(self, data: bytes | str) -> None:
+        from websockets.exceptions import ConnectionClosed
+        try:
+            for part in c.stdin_chunks(data):
+                await self.ws.send(part)
+        except ConnectionClosed:
+            raise c.make_error(RuntimeFailure, f"process {self.pid} is gone (its socket is closed)") from None
+
+    async def control(self, msg: dict) -> None:
+        from websockets.exceptions import ConnectionClosed
+        try:
+            await self.ws.send(json.dumps(msg))
+        except ConnectionClosed:
+            raise c.make_error(RuntimeFailure, f"process {self.pid} is gone (its socket is closed)") from None
+
+    async def events(self) -> AsyncIterator[Output | dict]:
+        from websockets.exceptions import ConnectionClosed
+        try:
+            async for message in self.ws:
+                if isinstance(message, bytes):
+                    out = c.ws_output(message)
+                    yield Output("pty", out.data) if self.pty else out
+                    continue
+                msg = self._control(message)
+                if msg.get("type") == "end":
+                    yield msg
+                    return
+        except ConnectionClosed:
+            pass
+        raise c.ended_early()
+
+    async def close(self) -> None:
+        if self.feeder is not None and not self.feeder.done():
+            self.feeder.cancel()
+        await self.ws.close()
+
+
+async def _collect(source: Any, collector: c.Collector) -> CommandResult:
+    collector.pid = source.pid
+    try:
+        async for ev in source.events():
+            if isinstance(ev, Output):
+                collector.output(ev)
+            else:
+                collector.finish(ev)
+    finally:
+        await source.close()
+    return collector.result()
+
+
+class _AsyncPump:
+    def __init__(self, source: Any, collector: c.Collector) -> None:
+        self.source, self.collector = source, collector
+        collector.pid = source.pid
+        self.chunks: list[Output] = []
+        self.done = False
+        self.error: BaseException | None = None
+        self.closed = False
+        self.cond = asyncio.Condition()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for ev in self.source.events():
+                if isinstance(ev, Output):
+                    self.collector.output(ev)
+                    async with self.cond:
+                        self.chunks.append(ev)
+                        self.cond.notify_all()
+                else:
+                    self.collector.finish(ev)
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to wait()
+            if not self.closed:
+                self.error = exc
+        finally:
+            with contextlib.suppress(Exception):
+                await self.source.close()
+            async with self.cond:
+                self.done = True
+                self.cond.notify_all()
+
+    async def __aiter__(self) -> AsyncIterator[Output]:
+        i = 0
+        while True:
+            async with self.cond:
+                await self.cond.wait_for(lambda i=i: i < len(self.chunks) or self.done)
+                if i >= len(self.chunks):
+                    break
+                item = self.chunks[i]
+            i += 1
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    async def wait(self, timeout: float | None = None) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"process {self.source.pid} is still running") from None
+        if self.error is not None:
+            raise self.error
+        if self.collector.end is None:
+            raise c.ended_early() if not self.closed else c.make_error(
+                RuntimeFailure, "disconnected from the process before it ended")
+
+    async def close(self) -> None:
+        self.closed = True
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+
+
+class AsyncCommandHandle:
+    """A running command (async): ``async for out in handle``, ``await handle.wait()``, ``kill()``..."""
+
+    def __init__(self, commands: AsyncCommands, source: Any, on_stdout: c.TextCallback | None = None,
+                 on_stderr: c.TextCallback | None = None) -> None:
+        self._commands = commands
+        self.pid = source.pid
+        self._pump = _AsyncPump(source, c.Collector(on_stdout, on_stderr))
+
+    def __aiter__(self) -> AsyncIterator[Output]:
+        return self._pump.__aiter__()
+
+    async def wait(self, timeout: float | None = None) -> CommandResult:
+        await self._pump.wait(timeout)
+        return self._pump.collector.result()
+
+    @property
+    def exit_code(self) -> int | None:
+        end = self._pump.collector.end
+        return None if end is None else int(end["exit_code"])
+
+    async def kill(self) -> bool:
+        return await self._commands.kill(self.pid)
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        await self._commands.send_stdin(self.pid, data)
+
+    async def close_stdin(self) -> None:
+        await self._commands.close_stdin(self.pid)
+
+    async def disconnect(self) -> None:
+        await self._pump.close()
+
+
+class _PtyCollector(c.Collector):
+    def __init__(self, on_data: Callable[[bytes], Any] | None) -> None:
+        super().__init__()
+        self.on_data = on_data
+
+    def output(self, out: Output) -> None:
+        self.out.extend(out.data)
+        if self.on_data is not None:
+            self.on_data(out.data)
+
+
+class AsyncPtyHandle:
+    def __init__(self, source: _AsyncWsSource, on_data: Callable[[bytes], Any] | None = None) -> None:
+        self._source = source
+        self.pid = source.pid
+        self._pump = _AsyncPump(source, _PtyCollector(on_data))
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for out in self._pump:
+            yield out.data
+
+    async def send(self, data: bytes | str) -> None:
+        await self._source.send(data)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._source.control({"type": "resize", "cols": int(cols), "rows": int(rows)})
+
+    async def kill(self, signal: int = 9) -> None:
+        await self._source.control({"type": "signal", "signal": int(signal)})
+
+    async def wait(self, timeout: float | None = None) -> int:
+        await self._pump.wait(timeout)
+        return self._pump.collector.result().exit_code
+
+    @property
+    def result(self) -> CommandResult:
+        return self._pump.collector.result()
+
+    async def close(self) -> None:
+        await self._pump.close()
+
+    disconnect = close
+
+    async def __aenter__(self) -> AsyncPtyHandle:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncWatchHandle:
+    def __init__(self, http: _AsyncHttp, resp: httpx.Response) -> None:
+        self._resp = resp
+        self._lines = http.lines(resp)
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[FilesystemEvent]:
+        try:
+            async for line in self._lines:
+                ev = json.loads(line)
+                if ev.get("type") in ("started", None):
+                    continue
+                yield FilesystemEvent(type=ev["type"], name=ev.get("name", ""), path=ev.get("path", ""))
+        except ShoalError:
+            if not self._closed:
+                raise
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._resp.aclose()
+
+    stop = close
+
+    async def __aenter__(self) -> AsyncWatchHandle:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncCommands:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._http = sandbox._http
+        self._base = f"/v1/sandboxes/{sandbox.id}"
+
+    async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                  user: str | None = None, timeout: float | None = None, stdin: Any = None,
+                  on_stdout: c.TextCallback | None = None, on_stderr: c.TextCallback | None = None,
+                  background: bool = False, binary: bool = False, tag: str | None = None) -> Any:
+        """See ``Sandbox.commands.run``; ``stdin`` may also be an async iterable of byte chunks."""
+        if stdin is not None:
+            source: Any = await _AsyncWsSource.open(self._http, f"{self._base}/process",
+                                                    c.ws_start(cmd, env, cwd, user, timeout), stdin)
+        elif background or on_stdout or on_stderr or binary:
+            body = c.exec_body(cmd, env, cwd, user, timeout, tag)
+            source = await _AsyncStreamSource.open(self._http, "POST", f"{self._base}/exec",
+                                                   json={**body, "stream": True})
+        else:
+            body = c.exec_body(cmd, env, cwd, user, timeout, tag)
+            return c.result_from_json(await self._http.json("POST", f"{self._base}/exec", json=body,
+                                                            timeout=STREAM_TIMEOUT))
+        if background:
+            return AsyncCommandHandle(self, source, on_stdout, on_stderr)
+        return await _collect(source, c.Collector(on_stdout, on_stderr))
+
+    async def connect(self, pid: int, on_stdout: c.TextCallback | None = None,
+                      on_stderr: c.TextCallback | None = None) -> AsyncCommandHandle:
+        source = await _AsyncStreamSource.open(self._http, "GET", f"{self._base}/processes/{int(pid)}/stream")
+        return AsyncCommandHandle(self, source, on_stdout, on_stderr)
+
+    async def list(self) -> list[ProcessInfo]:
+        return [ProcessInfo.from_json(p) for p in await self._http.json("GET", f"{self._base}/processes")]
+
+    async def kill(self, pid: int, signal: int = 9) -> bool:
+        try:
+            if signal == 9:
+                await self._http.send("DELETE", f"{self._base}/processes/{int(pid)}")
+            else:
+                await self._http.send("POST", f"{self._base}/processes/{int(pid)}/signal",
+                                      json={"signal": int(signal)})
+            return True
+        except NotFound:
+            return False
+
+    async def send_stdin(self, pid: int, data: str | bytes) -> None:
+        import base64
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        await self._http.send("POST", f"{self._base}/processes/{int(pid)}/stdin",
+                              json={"data_b64": base64.b64encode(raw).decode()})
+
+    async def close_stdin(self, pid: int) -> None:
+        await self._http.send("POST", f"{self._base}/processes/{int(pid)}/stdin/close")
+
+
+class AsyncFiles:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._http = sandbox._http
+        self._base = f"/v1/sandboxes/{sandbox.id}/files"
+
+    @staticmethod
+    def _params(path: str, **extra: Any) -> dict:
+        return {"path": path, **{k: v for k, v in extra.items() if v is not None}}
+
+    async def read(self, path: str, *, user: str | None = None, format: str = "text") -> Any:
+        if format == "stream":
+            return await self.read_stream(path, user=user)
+        data = await self.read_bytes(path, user=user)
+        return data if format == "bytes" else data.decode("utf-8", "replace")
+
+    async def read_bytes(self, path: str, *, user: str | None = None) -> bytes:
+        return b"".join([chunk async for chunk in await self.read_stream(path, user=user)])
+
+    async def read_stream(self, path: str, *, user: str | None = None) -> AsyncIterator[bytes]:
+        """``async for chunk in await sb.files.read_stream(path)``; errors are raised by the await."""
+        resp = await self._http.send("GET", self._base, stream=True, params=self._params(path, user=user))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_bytes():
+                    yield chunk
+            except httpx.TransportError as exc:
+                raise c.lost(self._http.config.url, exc) from None
+            finally:
+                await resp.aclose()
+        return chunks()
+
+    async def write(self, path: str, data: str | bytes | Iterable[bytes] | AsyncIterable[bytes], *,
+                    mode: int | None = None, user: str | None = None, append: bool = False) -> EntryInfo:
+        if isinstance(data, str):
+            content: Any = data.encode()
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            content = bytes(data)
+        elif hasattr(data, "__aiter__"):
+            content = data
+        else:
+            async def agen(items: Iterable[bytes]) -> AsyncIterator[bytes]:
+                for chunk in items:
+                    yield chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+            content = agen(c.file_chunks(data) if hasattr(data, "read") else data)  # type: ignore[arg-type]
+        params = self._params(path, user=user, mode=mode, append="true" if append else None)
+        return EntryInfo.from_json(await self._http.json("PUT", self._base, params=params, content=content,
+                                                         headers={"Content-Type": "application/octet-stream"},
+                                                         timeout=STREAM_TIMEOUT))
+
+    async def list(self, path: str, depth: int = 1) -> list[EntryInfo]:
+        return [EntryInfo.from_json(e) for e in
+                await self._http.json("GET", f"{self._base}/list", params={"path": path, "depth": depth})]
+
+    async def stat(self, path: str) -> EntryInfo:
+        return EntryInfo.from_json(await self._http.json("GET", f"{self._base}/stat", params={"path": path}))
+
+    get_info = stat
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+            return True
+        except NotFound:
+            return False
+
+    async def make_dir(self, path: str) -> bool:
+        try:
+            await self._http.send("POST", f"{self._base}/mkdir", json={"path": path})
+            return True
+        except Conflict:
+            return False
+
+    async def move(self, src: str, dst: str) -> EntryInfo:
+        return EntryInfo.from_json(await self._http.json("POST", f"{self._base}/move",
+                                                         json={"src": src, "dst": dst}))
+
+    rename = move
+
+    async def remove(self, path: str) -> None:
+        await self._http.send("DELETE", self._base, params={"path": path})
+
+    async def watch(self, path: str, recursive: bool = False) -> AsyncWatchHandle:
+        resp = await self._http.send("GET", f"{self._base}/watch", stream=True,
+                                     params={"path": path, "recursive": "true" if recursive else "false"})
+        handle = AsyncWatchHandle(self._http, resp)
+        try:
+            first = json.loads(await handle._lines.__anext__())
+        except StopAsyncIteration:
+            await resp.aclose()
+            raise c.make_error(RuntimeFailure, "the watch ended at once") from None
+        if first.get("type") != "started":
+            await resp.aclose()
+            raise c.make_error(RuntimeFailure, f"unexpected first watch event {first!r}")
+        return handle
+
+    watch_dir = watch
+
+
+class AsyncPty:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._http = sandbox._http
+        self._path = f"/v1/sandboxes/{sandbox.id}/pty"
+
+    async def create(self, cmd: str | list[str] | None = None, cols: int = 80, rows: int = 24, *,
+                     env: dict[str, str] | None = None, cwd: str | None = None, user: str | None = None,
+                     timeout: float | None = None, on_data: Callable[[bytes], Any] | None = None) -> AsyncPtyHandle:
+        source = await _AsyncWsSource.open(self._http, self._path,
+                                           c.ws_start(cmd, env, cwd, user, timeout, cols, rows), pty=True)
+        return AsyncPtyHandle(source, on_data)
+
+
+class _by_id:  # noqa: N801 - used as a decorator
+    """On an instance, a method; on the class, the same action by id:
+    ``await AsyncSandbox.kill(sandbox_id, url=..., api_key=...)``."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj: Any, cls: Any) -> Any:
+        if obj is not None:
+            return self.func.__get__(obj, cls)
+
+        async def call(sandbox_id: str, *args: Any, url: str | None = None, api_key: str | None = None,
+                       transport: httpx.AsyncBaseTransport | None = None, request_timeout: float | None = None,
+                       **kwargs: Any) -> Any:
+            box = cls(sandbox_id, _http=cls._client(url, api_key, transport, request_timeout))
+            try:
+                return await self.func(box, *args, **kwargs)
+            finally:
+                await box.close()
+        call.__doc__ = self.func.__doc__
+        return call
+
+
+class AsyncSandbox:
+    """The asyncio twin of ``Sandbox``: ``async with await AsyncSandbox.create() as sb:``."""
+
+    def __init__(self, sandbox_id: str, *, _http: _AsyncHttp, _info: SandboxInfo | None = None) -> None:
+        self.id = sandbox_id
+        self._http = _http
+        self._info = _info
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+        self.pty = AsyncPty(self)
+
+    @staticmethod
+    def _client(url: str | None, api_key: str | None, transport: httpx.AsyncBaseTransport | None,
+                request_timeout: float | None) -> _AsyncHttp:
+        return _AsyncHttp(ClientConfig.resolve(url, api_key, request_timeout), transport)
+
+    @classmethod
+    async def create(cls, template: str = "minimal", cpu: float = 1, memory_mb: int = 512, disk_mb: int = 1024,
+                     timeout: int = 300, env: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
+                     *, url: str | None = None, api_key: str | None = None,
+                     transport: httpx.AsyncBaseTransport | None = None,
+                     request_timeout: float | None = None) -> AsyncSandbox:
+        http = cls._client(url, api_key, transport, request_timeout)
+        body = {"template": template, "cpu": cpu, "memory_mb": memory_mb, "disk_mb": disk_mb, "timeout": timeout,
+                "env": dict(env or {}), "metadata": dict(metadata or {})}
+        try:
+            info = SandboxInfo.from_json(await http.json("POST", "/v1/sandboxes", json=body, timeout=STREAM_TIMEOUT))
+        except BaseException:
+            await http.close()
+            raise
+        return cls(info.id, _http=http, _info=info)
+
+    @classmethod
+    async def connect(cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None,
+                      transport: httpx.AsyncBaseTransport | None = None,
+                      request_timeout: float | None = None) -> AsyncSandbox:
+        http = cls._client(url, api_key, transport, request_timeout)
+        try:
+            info = SandboxInfo.from_json(await http.json("GET", f"/v1/sandboxes/{sandbox_id}"))
+        except BaseException:
+            await http.close()
+            raise
+        return cls(info.id, _http=http, _info=info)
+
+    @classmethod
+    async def list(cls, state: str | Iterable[str] | None = None, metadata: dict[str, str] | None = None, *,
+                   url: str | None = None, api_key: str | None = None,
+                   transport: httpx.AsyncBaseTransport | None = None,
+                   request_timeout: float | None = None) -> list[SandboxInfo]:
+        http = cls._client(url, api_key, transport, request_timeout)
+        try:
+            return [SandboxInfo.from_json(d) for d in await http.json("GET", "/v1/sandboxes",
+                                                                      params=_list_params(state, metadata))]
+        finally:
+            await http.close()
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.id
+
+    @_by_id
+    async def info(self) -> SandboxInfo:
+        self._info = SandboxInfo.from_json(await self._http.json("GET", f"/v1/sandboxes/{self.id}"))
+        return self._info
+
+    get_info = info
+
+    async def is_running(self) -> bool:
+        try:
+            return (await self.info()).state == "running"
+        except NotFound:
+            return False
+
+    @_by_id
+    async def set_timeout(self, timeout: int) -> SandboxInfo:
+        self._info = SandboxInfo.from_json(await self._http.json("POST", f"/v1/sandboxes/{self.id}/timeout",
+                                                                 json={"timeout": int(timeout)}))
+        return self._info
+
+    @_by_id
+    async def pause(self) -> SandboxInfo:
+        self._info = SandboxInfo.from_json(await self._http.json("POST", f"/v1/sandboxes/{self.id}/pause",
+                                                                 timeout=STREAM_TIMEOUT))
+        return self._info
+
+    @_by_id
+    async def resume(self) -> SandboxInfo:
+        self._info = SandboxInfo.from_json(await self._http.json("POST", f"/v1/sandboxes/{self.id}/resume",
+                                                                 timeout=STREAM_TIMEOUT))
+        return self._info
+
+    @_by_id
+    async def kill(self) -> bool:
+        try:
+            await self._http.send("DELETE", f"/v1/sandboxes/{self.id}", timeout=STREAM_TIMEOUT)
+            return True
+        except NotFound:
+            return False
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.kill()
+        finally:
+            await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncSandbox(id={self.id!r}, url={self._http.config.url!r})"
