@@ -158,6 +158,8 @@ def leftovers(engine: Engine) -> Callable[..., list[str]]:
 
 # --- the daemon ------------------------------------------------------------------------------------
 
+import subprocess  # noqa: E402  (the daemon fixture's own imports)
+
 DAEMON_BIN = "/opt/shoal/venv/bin/shoal"
 LOCAL_KEY = Path("/var/lib/shoal/local.key")
 
@@ -165,7 +167,7 @@ LOCAL_KEY = Path("/var/lib/shoal/local.key")
 class RunningDaemon:
     """A ``shoal serve`` subprocess on loopback: ``url``, ``key`` (the local key), ``proc``, ``log``."""
 
-    def __init__(self, url: str, key: str, proc: "subprocess.Popen[bytes]", log: Path) -> None:
+    def __init__(self, url: str, key: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         self.url, self.key, self.proc, self.log = url, key, proc, log
 
     @property
@@ -183,7 +185,6 @@ def free_port() -> int:
 
 def start_daemon(port: int | None = None, log: Path | None = None, wait: float = 30.0) -> RunningDaemon:
     """Start ``shoal serve --port <port>`` (default state dirs) and wait until /health answers."""
-    import subprocess
     import time
 
     import httpx
@@ -213,7 +214,6 @@ def start_daemon(port: int | None = None, log: Path | None = None, wait: float =
 def stop_daemon(d: RunningDaemon, timeout: float = 15.0) -> int | None:
     """SIGTERM, wait, SIGKILL if it does not go; returns the exit status."""
     import signal
-    import subprocess
 
     if d.proc.poll() is None:
         d.proc.send_signal(signal.SIGTERM)

@@ -45,18 +45,21 @@ _OPS = {
     "port.connect": ("shoal.agent.ports", "connect"),
 }
 _import_lock = _thread.allocate_lock()
+#: Modules whose import has completed. ``sys.modules`` alone is not enough: a module is there as
+#: soon as its import *starts*, so a second thread would find it half-initialised.
+_loaded: set[str] = set()
 
 
 def _handler(op: object):  # noqa: ANN202
     target = _OPS.get(op) if isinstance(op, str) else None
     if target is None:
         return None
-    module = sys.modules.get(target[0])
-    if module is None:
+    name = target[0]
+    if name not in _loaded:
         with _import_lock:
-            __import__(target[0])
-        module = sys.modules[target[0]]
-    return getattr(module, target[1])
+            __import__(name)
+            _loaded.add(name)
+    return getattr(sys.modules[name], target[1])
 
 
 def _warm() -> None:
@@ -66,6 +69,7 @@ def _warm() -> None:
     for name in ("shoal.agent.files", "shoal.agent.watch"):
         with _import_lock:
             __import__(name)
+            _loaded.add(name)
 
 
 def _ping(sock, reader, req: dict) -> None:  # noqa: ANN001

@@ -17,7 +17,8 @@ import os
 import shutil
 import subprocess
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,6 +247,95 @@ def _populate_base(tree: Path, log: Log, cache_dir: Path) -> None:
     _mkdir(tree / "tmp", 0o1777)
 
 
+# --- code-interpreter-v1: base + Jupyter kernel and the data stack ---------------------------------
+
+#: What E2B's ``code-interpreter-v1`` promises, pinned. Installed into the sandbox's system Python
+#: (/usr/local/lib/python3.11/dist-packages) so that ``python3`` in a terminal sees them too.
+#: ``jupyter_client`` is all the kernel server (shoal/server/e2b/kernel_server.py) needs.
+INTERPRETER_PACKAGES = ["ipykernel==7.4.0", "jupyter_client==8.10.0", "numpy==2.4.6", "pandas==3.1.1",
+                        "matplotlib==3.11.2"]
+#: Test suites shipped inside wheels: never imported by user code, a fifth of the installed size.
+_INTERPRETER_TRIM = ["numpy/_core/tests", "numpy/*/tests", "numpy/*/*/tests", "pandas/tests",
+                     "matplotlib/tests", "mpl_toolkits/*/tests"]
+_CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Host settings a build inside the chroot must share to reach the package index from here.
+_PASS_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_DEFAULT_TIMEOUT", "http_proxy",
+             "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+_HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+_BUILD_CA = "tmp/shoal-build-ca.pem"
+
+
+@contextmanager
+def _chroot(tree: Path) -> Iterator[list[str]]:
+    """Make ``tree`` usable for ``chroot`` with network access, and undo it all afterwards.
+
+    Mounts /proc and a bind of the host's /dev, copies the host's resolv.conf (DNS) and CA bundle
+    (a TLS-intercepting proxy's CA is in the host's bundle, not in the tree's). Yields the
+    environment (``KEY=value`` words) for ``env -i``. A crash leaves mounts that the store's cleanup
+    (``umount_tree``) removes; this removes them itself on any normal or failed exit.
+    """
+    from shoal.runtime.linux import mounts
+
+    mounted: list[Path] = []
+    resolv = tree / "etc/resolv.conf"
+    saved_resolv = resolv.read_bytes() if resolv.is_file() and not resolv.is_symlink() else b""
+    try:
+        for source, rel, fstype, flags in (("proc", "proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV),
+                                           ("/dev", "dev", "", mounts.MS_BIND)):
+            target = tree / rel
+            target.mkdir(exist_ok=True)
+            mounts.mount(source, target, fstype, flags)
+            mounted.append(target)
+        if os.path.lexists(resolv):
+            resolv.unlink()
+        shutil.copyfile("/etc/resolv.conf", resolv)
+        env = [f"PATH={_CHROOT_PATH}", "HOME=/root", "LANG=C.UTF-8"]
+        env += [f"{k}={os.environ[k]}" for k in _PASS_ENV if k in os.environ]
+        if _HOST_CA.is_file():
+            shutil.copyfile(_HOST_CA, tree / _BUILD_CA)
+            env.append(f"PIP_CERT=/{_BUILD_CA}")
+        yield env
+    finally:
+        for target in reversed(mounted):
+            mounts.umount(target)
+        if os.path.lexists(resolv):
+            resolv.unlink()
+        _write(resolv, saved_resolv.decode())
+        (tree / _BUILD_CA).unlink(missing_ok=True)
+
+
+def _populate_code_interpreter(tree: Path, log: Log, cache_dir: Path) -> None:
+    """On top of ``base``: ipykernel, jupyter_client, numpy, pandas, matplotlib (pip, in a chroot)."""
+    chroot = _need_tool("chroot", "coreutils")
+    if not (tree / "usr/bin/python3").exists():
+        raise RuntimeFailure("the parent template has no /usr/bin/python3", step="template build")
+    with _chroot(tree) as env:
+        log(f"pip install {' '.join(INTERPRETER_PACKAGES)}")
+        _run_streaming([chroot, str(tree), "/usr/bin/env", "-i", *env, "python3", "-m", "pip", "install",
+                        "--no-cache-dir", "--break-system-packages", "--root-user-action=ignore",
+                        "--disable-pip-version-check", "--no-warn-script-location", "--progress-bar=off",
+                        *INTERPRETER_PACKAGES], log, "pip install")
+        # matplotlib builds its font cache on first import (seconds): do it now, as the user.
+        log("building matplotlib's font cache for user")
+        _run_streaming([chroot, f"--userspec={USER_UID}:{USER_GID}", str(tree), "/usr/bin/env", "-i",
+                        f"PATH={_CHROOT_PATH}", "HOME=/home/user", "LANG=C.UTF-8", "PYTHONDONTWRITEBYTECODE=1",
+                        "python3", "-c", "import matplotlib.font_manager"], log, "matplotlib font cache")
+
+    site = next((tree / "usr/local/lib").glob("python3*/dist-packages"), None)
+    if site is None:
+        raise RuntimeFailure("pip installed nothing into /usr/local/lib/python3*/dist-packages",
+                             step="template build")
+    for pattern in _INTERPRETER_TRIM:
+        for path in site.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+    # The user's site directory must exist when a kernel starts, or a `pip install` made from a
+    # notebook (a --user install: the system site is root's) is not importable until a restart.
+    user_site = Path("home/user/.local/lib") / site.parent.name / "site-packages"
+    for part in range(3, len(user_site.parts) + 1):  # from home/user/.local down
+        _mkdir(tree / Path(*user_site.parts[:part]), 0o755, owner=(USER_UID, USER_GID))
+
+
 #: Every recipe by name. To add one (e.g. ``code-interpreter-v1`` = base + pip packages), write a
 #: populate function and register ``Recipe(..., parent="base")`` here.
 RECIPES: dict[str, Recipe] = {
@@ -254,5 +344,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("minimal", "busybox shell and applets, no Python (builds in seconds)", "1", _populate_minimal),
         Recipe("base", "Debian 12 (bookworm) minbase with bash, python3, pip, venv, git, curl, sudo",
                "1", _populate_base),
+        Recipe("code-interpreter-v1", "base + Jupyter kernel (ipykernel), numpy, pandas, matplotlib: "
+               "E2B's code interpreter", "1", _populate_code_interpreter, parent="base"),
     )
 }

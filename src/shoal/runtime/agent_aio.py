@@ -190,10 +190,12 @@ class AsyncAgentClient:
         finally:
             conn.close()
 
-    async def watch(self, path: str, recursive: bool = False, user: str | None = None) -> AsyncIterator[dict]:
+    async def watch(self, path: str, recursive: bool = False, user: str | None = None,
+                    include_entry: bool = False) -> AsyncIterator[dict]:
         conn = await self.connect()
         try:
-            await conn.send({"op": "file.watch", "path": path, "recursive": recursive, "user": user})
+            await conn.send({"op": "file.watch", "path": path, "recursive": recursive, "user": user,
+                             "include_entry": include_entry})
             await conn.read_msg()
         except BaseException:
             conn.close()

@@ -1,4 +1,6 @@
-"""The ASGI app: native REST under /v1, health, metrics, events, and the MCP endpoint at /mcp."""
+"""The ASGI app: native REST under /v1, health, metrics, events, the MCP endpoint at /mcp, and the
+E2B control plane (/sandboxes, /v2/sandboxes); ``create_asgi`` adds the sandbox traffic routing
+(E2B envd, code interpreter, sandbox ports) in front of it."""
 
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ def create_app(engine: Engine) -> FastAPI:
     app.add_middleware(ExecFastPath, engine=engine, metrics=app.state.metrics)
     for module in (system, sandboxes, processes, files, pty):
         app.include_router(module.router)
+    from shoal.server.e2b import control as e2b_control
+    app.include_router(e2b_control.router)
     try:
         from shoal.server import mcp_endpoint
     except ImportError:  # pragma: no cover - the endpoint ships with the daemon
@@ -63,3 +67,24 @@ def create_app(engine: Engine) -> FastAPI:
     if mcp_endpoint is not None:
         extra_lifespans.append(mcp_endpoint.mount(app, engine))
     return app
+
+
+def create_asgi(engine: Engine):  # noqa: ANN201
+    """What the daemon serves: ``create_app`` behind ``SandboxRouting``, which sends traffic addressed
+    to a sandbox (E2B headers or ``Host: <port>-<id>.<domain>``) to envd, the code interpreter or
+    the port proxy. All share ``engine``, so a sandbox is the same through every API."""
+    from shoal.server.e2b import interpreter_app
+    from shoal.server.e2b.control import AutoPause, options
+    from shoal.server.e2b.envd import EnvdApp, SignedFiles
+    from shoal.server.portproxy import PortProxy
+    from shoal.server.sandbox_routing import SandboxRouting
+
+    app = create_app(engine)
+    opts = options(engine)
+    existing = engine.list()
+    opts.prune({r.id for r in existing})
+    if any(opts.get(r.id).get("autoPause") for r in existing):
+        AutoPause.of(engine).ensure()
+    engine.subscribe(lambda ev: opts.drop(ev["sandbox"]["id"]) if ev.get("type") == "deleted" else None)
+    envd = EnvdApp(engine)
+    return SandboxRouting(SignedFiles(app, envd), envd, interpreter_app(engine), PortProxy(engine))

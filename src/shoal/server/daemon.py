@@ -69,7 +69,7 @@ class DaemonConfig:
 def serve(config: DaemonConfig, settings: Settings | None = None) -> None:
     import uvicorn
 
-    from shoal.server.app import create_app
+    from shoal.server.app import create_asgi
 
     configure_logging(config.log_level)
     log = logging.getLogger("shoal.daemon")
@@ -80,7 +80,7 @@ def serve(config: DaemonConfig, settings: Settings | None = None) -> None:
     ensure_local_key(engine)
     log.info("reconciled", extra={"cleaned": cleaned, "reattached": kept,
                                   "ms": round((time.perf_counter() - started) * 1000, 1)})
-    app = create_app(engine)
+    app = create_asgi(engine)
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
                         loop="uvloop", http="httptools", ws="websockets", timeout_graceful_shutdown=5,
                         log_level=config.log_level)

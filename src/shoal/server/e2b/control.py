@@ -1,0 +1,483 @@
+"""The E2B control plane (what ``Sandbox.create/connect/list/kill/...`` call), on the daemon's engine.
+
+Same sandboxes as the native API: a sandbox made here is visible at ``/v1/sandboxes/{id}`` and the
+other way round; every call is scoped to the caller's API key (``X-API-KEY``, either key form).
+
+Errors are E2B's shape, ``{"code": <int HTTP status>, "message"}`` (the native API uses string
+codes; the route class below keeps the two apart).
+
+``domain`` (what ``get_host(port)`` appends to ``<port>-<id>.``) is ``SHOAL_E2B_DOMAIN`` if set,
+else ``localhost:<the port the client reached the daemon on>``: ``*.localhost`` names resolve to
+the loopback address in browsers, curl and most HTTP clients, and the daemon routes such a Host
+header to the port inside the sandbox. Behind a wildcard DNS name, set ``SHOAL_E2B_DOMAIN``.
+
+Create accepts E2B's body; ``templateID`` (default ``base``), ``timeout`` (default 300 s),
+``metadata``, ``envVars`` (every process's environment), ``autoPause`` (pause instead of delete at
+the timeout, see ``AutoPause``) and ``network.allowPublicTraffic`` (false: ``get_host`` traffic needs
+the traffic token) are honoured; other fields (``allow_internet_access``, ``autoResume``, ``mcp``,
+``iam``, the snapshot ``memory`` choice of pause/connect) are accepted and ignored: a paused Shoal
+sandbox always keeps its memory (its processes are frozen). ``volumeMounts`` is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import os
+import threading
+import time
+import urllib.parse
+from datetime import UTC, datetime
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
+
+from shoal.engine import Engine, SandboxState
+from shoal.engine.engine import MAX_TIMEOUT
+from shoal.engine.keys import ApiKey
+from shoal.engine.models import SandboxRecord
+from shoal.errors import CapacityExceeded, InvalidRequest, InvalidTransition, NotFound, QuotaExceeded, ShoalError
+from shoal.server.auth import key_from_headers
+from shoal.server.e2b import ENVD_VERSION
+from shoal.server.e2b.security import Options, Tokens
+
+CLIENT_ID = "shoal"
+DEFAULT_TEMPLATE = "base"
+DEFAULT_TIMEOUT = 300
+MAX_PAGE = 1000
+DOMAIN_ENV = "SHOAL_E2B_DOMAIN"
+NEVER = "9999-12-31T23:59:59Z"
+IDEMPOTENCY_TTL = 600.0
+log = logging.getLogger("shoal.e2b")
+
+
+def e2b_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message}, status_code=status, headers=headers)
+
+
+class E2BRoute(APIRoute):
+    """Answers failures as E2B does (integer codes), whatever the app-wide handlers do."""
+
+    def get_route_handler(self):  # noqa: ANN201
+        inner = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await inner(request)
+            except ShoalError as exc:
+                retry = {"Retry-After": "1"} if isinstance(exc, CapacityExceeded | QuotaExceeded) else None
+                return e2b_error(exc.status, exc.message, retry)
+            except RequestValidationError as exc:
+                return e2b_error(400, "; ".join(str(e.get("msg")) for e in exc.errors()[:3]) or "invalid request")
+            except Exception as exc:  # noqa: BLE001 - E2B's shape for the unexpected too
+                log.exception("E2B control-plane call failed")
+                return e2b_error(500, f"internal error: {type(exc).__name__}")
+        return handler
+
+
+router = APIRouter(route_class=E2BRoute, tags=["e2b"], include_in_schema=False)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _key(request: Request) -> ApiKey:
+    return key_from_headers(request.headers, _engine(request))
+
+
+def _tokens(request: Request) -> Tokens:
+    return Tokens.of(_engine(request).settings.state_dir)
+
+
+def options(engine: Engine) -> Options:
+    opts = getattr(engine, "_e2b_options", None)
+    if opts is None:
+        opts = Options(engine.settings.state_dir)
+        engine._e2b_options = opts  # type: ignore[attr-defined]
+    return opts
+
+
+async def _body(request: Request) -> dict:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return NEVER
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def domain(request: Request) -> str:
+    """What ``get_host`` appends: see the module docstring."""
+    configured = os.environ.get(DOMAIN_ENV)
+    if configured:
+        return configured
+    host = request.headers.get("host", "")
+    port = None
+    if host.startswith("["):
+        end = host.find("]")
+        rest = host[end + 1:] if end >= 0 else ""
+        port = rest[1:] if rest.startswith(":") else None
+    elif ":" in host:
+        port = host.rsplit(":", 1)[1]
+    if not port or not port.isdigit():
+        server = request.scope.get("server")
+        port = str(server[1]) if server and server[1] else "80"
+    return f"localhost:{port}"
+
+
+def _clean(value: object, what: str) -> str:
+    """A string that can be stored and answered as JSON: no NUL, no lone surrogate."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{what} must be a string")
+    if "\0" in value:
+        raise InvalidRequest(f"{what} must not contain a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{what} is not valid Unicode") from exc
+    return value
+
+
+def _string_map(value: object, what: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{what} must map strings to strings")
+    return {_clean(k, f"a {what} key"): _clean(v, f"{what}[{k!r}]") for k, v in value.items()}
+
+
+def _state(rec: SandboxRecord) -> str:
+    return "paused" if rec.state is SandboxState.PAUSED else "running"
+
+
+def _timeout(value: object, default: int | None = DEFAULT_TIMEOUT) -> int | None:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest("timeout must be a number of seconds")
+    if not 0 < value <= MAX_TIMEOUT:
+        raise InvalidRequest(f"timeout must be between 1 and {int(MAX_TIMEOUT)} seconds, not {value!r}")
+    return int(value)
+
+
+def _sandbox(rec: SandboxRecord, request: Request) -> dict:
+    """The ``Sandbox`` answer of create and connect."""
+    tokens = _tokens(request)
+    return {"templateID": rec.template, "sandboxID": rec.id, "clientID": CLIENT_ID, "envdVersion": ENVD_VERSION,
+            "alias": rec.template, "envdAccessToken": tokens.envd(rec.id), "trafficAccessToken": tokens.traffic(rec.id),
+            "domain": domain(request)}
+
+
+def _listed(rec: SandboxRecord) -> dict:
+    """``ListedSandbox``."""
+    return {"templateID": rec.template, "alias": rec.template, "sandboxID": rec.id, "clientID": CLIENT_ID,
+            "startedAt": _iso(rec.created_at), "endAt": _iso(rec.expires_at),
+            "cpuCount": max(1, math.ceil(rec.cpu)), "memoryMB": rec.memory_mb, "diskSizeMB": rec.disk_mb,
+            "state": _state(rec), "envdVersion": ENVD_VERSION, "metadata": dict(rec.metadata)}
+
+
+def _detail(rec: SandboxRecord, request: Request) -> dict:
+    """``SandboxDetail``."""
+    out = _listed(rec)
+    out["envdAccessToken"] = _tokens(request).envd(rec.id)
+    out["domain"] = domain(request)
+    return out
+
+
+def _metadata_filter(raw: list[str]) -> dict[str, str]:
+    """The SDK sends ``metadata=<urlencode({quote(k): quote(v)})>``: decode both layers."""
+    wanted: dict[str, str] = {}
+    for item in raw:
+        for k, v in urllib.parse.parse_qsl(item, keep_blank_values=True):
+            wanted[urllib.parse.unquote(k)] = urllib.parse.unquote(v)
+    return wanted
+
+
+def _states(raw: list[str]) -> set[SandboxState]:
+    states: set[SandboxState] = set()
+    for part in ",".join(raw).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part == "running":
+            states.add(SandboxState.RUNNING)
+        elif part == "paused":
+            states.add(SandboxState.PAUSED)
+        else:
+            raise InvalidRequest(f"unknown state {part!r} (running or paused)")
+    return states or {SandboxState.RUNNING, SandboxState.PAUSED}
+
+
+def _encode_token(rec: SandboxRecord) -> str:
+    return base64.urlsafe_b64encode(json.dumps([rec.created_at, rec.id]).encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[float, str]:
+    try:
+        created, sid = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        return float(created), str(sid)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest("invalid nextToken") from exc
+
+
+def _select(request: Request, key: ApiKey, states: set[SandboxState]) -> list[SandboxRecord]:
+    q = request.query_params
+    wanted = _metadata_filter(q.getlist("metadata"))
+    template = q.get("template")
+    started_after = q.get("startedAfter")
+    after_ts = None
+    if started_after:
+        try:
+            after_ts = datetime.fromisoformat(started_after.replace("Z", "+00:00")).timestamp()
+        except ValueError as exc:
+            raise InvalidRequest(f"invalid startedAfter {started_after!r}") from exc
+    recs = _engine(request).list(key, states, wanted or None)
+    if template:
+        recs = [r for r in recs if r.template == template]
+    if after_ts is not None:
+        recs = [r for r in recs if r.created_at >= after_ts]
+    return recs
+
+
+class AutoPause:
+    """Sandboxes created with ``autoPause`` (``lifecycle={"on_timeout": "pause"}``) are paused, not
+    deleted, when their timeout comes: a thread pauses them ``LEAD`` seconds before the daemon's
+    reaper (once a second, ``Engine.expire``, which leaves paused sandboxes alone) would delete them.
+    ``connect`` resumes them. The thread starts with the first such sandbox."""
+
+    LEAD = 1.5
+    EVERY = 0.25
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, engine: Engine) -> AutoPause:
+        inst = getattr(engine, "_e2b_autopause", None)
+        if inst is None:
+            inst = cls(engine)
+            engine._e2b_autopause = inst  # type: ignore[attr-defined]
+        return inst
+
+    def ensure(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="e2b-autopause", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.EVERY)
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - must outlive any single failure
+                log.exception("auto-pause failed")
+
+    def tick(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        opts = options(self.engine)
+        paused = []
+        for rec in self.engine.list(states={SandboxState.RUNNING}):
+            if rec.expires_at is None or rec.expires_at - now > self.LEAD:
+                continue
+            if not opts.get(rec.id).get("autoPause"):
+                continue
+            try:
+                self.engine.pause(rec.id)
+                paused.append(rec.id)
+                log.info("sandbox paused at its timeout (autoPause)", extra={"sandbox": rec.id})
+            except ShoalError:
+                pass
+        return paused
+
+
+# --- create ----------------------------------------------------------------------------------------
+
+_idempotent: dict[tuple[str, str], tuple[float, str]] = {}
+
+
+@router.post("/sandboxes", status_code=201)
+@router.post("/v2/sandboxes", status_code=201)
+async def create(request: Request) -> JSONResponse:
+    key = _key(request)
+    eng = _engine(request)
+    body = await _body(request)
+    template = _clean(body.get("templateID") or DEFAULT_TEMPLATE, "templateID")
+    timeout = _timeout(body.get("timeout"))
+    metadata = _string_map(body.get("metadata") or {}, "metadata")
+    env = _string_map(body.get("envVars") or {}, "envVars")
+    if body.get("volumeMounts"):
+        raise InvalidRequest("volume mounts are not supported by Shoal")
+    network = body.get("network") or {}
+    public = not (isinstance(network, dict) and network.get("allowPublicTraffic") is False)
+    auto_pause = body.get("autoPause") is True
+
+    idem = request.headers.get("idempotency-key")
+    now = time.monotonic()
+    for k, (at, _sid) in list(_idempotent.items()):
+        if now - at > IDEMPOTENCY_TTL:
+            del _idempotent[k]
+    if idem and (key.id, idem) in _idempotent:
+        try:
+            rec = eng.get(_idempotent[(key.id, idem)][1], key)
+            return JSONResponse(_sandbox(rec, request), status_code=201)
+        except NotFound:
+            pass
+
+    rec = await run_in_threadpool(eng.create, template, env=env, metadata=metadata, timeout=timeout, api_key=key)
+    options(eng).put(rec.id, {"public": public, "autoPause": auto_pause})
+    if auto_pause:
+        AutoPause.of(eng).ensure()
+    if idem:
+        _idempotent[(key.id, idem)] = (now, rec.id)
+    return JSONResponse(_sandbox(rec, request), status_code=201)
+
+
+# --- read ------------------------------------------------------------------------------------------
+
+@router.get("/sandboxes/{sandbox_id}")
+async def get_sandbox(sandbox_id: str, request: Request) -> JSONResponse:
+    rec = _engine(request).get(sandbox_id, _key(request))
+    if rec.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
+        raise NotFound(f"sandbox {sandbox_id} is {rec.state.value}")
+    return JSONResponse(_detail(rec, request))
+
+
+@router.get("/v2/sandboxes")
+async def list_v2(request: Request) -> JSONResponse:
+    key = _key(request)
+    q = request.query_params
+    recs = _select(request, key, _states(q.getlist("state")))
+    desc = q.get("order") == "desc"
+    recs.sort(key=lambda r: (r.created_at, r.id), reverse=desc)
+    token = q.get("nextToken")
+    if token:
+        cursor = _decode_token(token)
+        recs = [r for r in recs if ((r.created_at, r.id) < cursor if desc else (r.created_at, r.id) > cursor)]
+    try:
+        limit = int(q.get("limit") or 100)
+    except ValueError as exc:
+        raise InvalidRequest("limit must be an integer") from exc
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE}")
+    page = recs[:limit]
+    headers = {"X-Next-Token": _encode_token(page[-1])} if len(recs) > limit else None
+    return JSONResponse([_listed(r) for r in page], headers=headers)
+
+
+@router.get("/sandboxes")
+async def list_v1(request: Request) -> JSONResponse:
+    """The older list: running sandboxes unless ``state`` says otherwise, metadata filter, no paging."""
+    states = request.query_params.getlist("state")
+    recs = _select(request, _key(request), _states(states) if states else {SandboxState.RUNNING})
+    recs.sort(key=lambda r: (r.created_at, r.id))
+    return JSONResponse([_listed(r) for r in recs])
+
+
+@router.get("/sandboxes/{sandbox_id}/metrics")
+async def metrics(sandbox_id: str, request: Request) -> JSONResponse:
+    eng = _engine(request)
+    rec = eng.get(sandbox_id, _key(request))
+    use = eng.runtime.usage(rec.id)
+    now = time.time()
+    cpus = max(1, math.ceil(rec.cpu))
+    elapsed = max(1e-3, now - rec.created_at)
+    cpu_pct = (use.get("cpu_usec") or 0) / 1e6 / elapsed / cpus * 100
+    disk_used = 0
+    try:
+        st = os.statvfs(eng.settings.sandboxes_dir / rec.id / "upper")
+        disk_used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    except OSError:
+        pass
+    return JSONResponse([{
+        "timestamp": _iso(now), "timestampUnix": int(now), "cpuCount": cpus, "cpuUsedPct": round(cpu_pct, 2),
+        "memUsed": use.get("memory_bytes") or 0, "memTotal": rec.memory_mb * 1024 * 1024, "memCache": 0,
+        "diskUsed": disk_used, "diskTotal": rec.disk_mb * 1024 * 1024,
+    }])
+
+
+# --- lifecycle -------------------------------------------------------------------------------------
+
+@router.delete("/sandboxes/{sandbox_id}", status_code=204)
+async def kill(sandbox_id: str, request: Request) -> Response:
+    eng = _engine(request)
+    await run_in_threadpool(eng.destroy, sandbox_id, _key(request))
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/timeout", status_code=204)
+async def set_timeout(sandbox_id: str, request: Request) -> Response:
+    key = _key(request)
+    body = await _body(request)
+    if "timeout" not in body:
+        raise InvalidRequest("timeout is required")
+    _engine(request).set_timeout(sandbox_id, _timeout(body["timeout"]), key)  # type: ignore[arg-type]
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/refreshes", status_code=204)
+async def refresh(sandbox_id: str, request: Request) -> Response:
+    """Older keep-alive: extend the timeout by ``duration`` seconds (default 60)."""
+    key = _key(request)
+    body = await _body(request)
+    _engine(request).set_timeout(sandbox_id, _timeout(body.get("duration"), 60), key)  # type: ignore[arg-type]
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
+async def pause(sandbox_id: str, request: Request) -> Response:
+    eng = _engine(request)
+    key = _key(request)
+    rec = eng.get(sandbox_id, key)
+    if rec.state is SandboxState.PAUSED:
+        return e2b_error(409, f"sandbox {sandbox_id} is already paused")
+    await run_in_threadpool(eng.pause, sandbox_id, key)
+    return Response(status_code=204)
+
+
+async def _connect(sandbox_id: str, request: Request, resume_only: bool) -> JSONResponse:
+    eng = _engine(request)
+    key = _key(request)
+    body = await _body(request)
+    timeout = _timeout(body.get("timeout"), None)
+    rec = eng.get(sandbox_id, key)
+    if rec.state is SandboxState.PAUSED:
+        await run_in_threadpool(eng.resume, sandbox_id, key)
+        rec = eng.set_timeout(sandbox_id, timeout or DEFAULT_TIMEOUT, key)
+        return JSONResponse(_sandbox(rec, request), status_code=201)
+    if rec.state is not SandboxState.RUNNING:
+        raise InvalidTransition(rec.state.value, "connect to", sandbox_id)
+    if resume_only:
+        return e2b_error(409, f"sandbox {sandbox_id} is already running")
+    if timeout is not None and rec.expires_at is not None and time.time() + timeout > rec.expires_at:
+        rec = eng.set_timeout(sandbox_id, timeout, key)  # a running sandbox's timeout only grows
+    return JSONResponse(_sandbox(rec, request), status_code=200)
+
+
+@router.post("/v2/sandboxes/{sandbox_id}/connect")
+@router.post("/sandboxes/{sandbox_id}/connect")
+async def connect(sandbox_id: str, request: Request) -> JSONResponse:
+    return await _connect(sandbox_id, request, resume_only=False)
+
+
+@router.post("/sandboxes/{sandbox_id}/resume")
+async def resume(sandbox_id: str, request: Request) -> JSONResponse:
+    return await _connect(sandbox_id, request, resume_only=True)

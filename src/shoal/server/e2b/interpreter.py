@@ -1,0 +1,316 @@
+"""E2B's code interpreter (port 49999) for every sandbox, relayed to a server inside the sandbox.
+
+Requests reach this app through ``SandboxRouting`` (``E2b-Sandbox-Port: 49999`` or a
+``49999-<id>.<domain>`` Host), with the sandbox in ``scope["shoal.sandbox_id"]``.
+
+Design: the interpreter runs *inside* the sandbox (``kernel_server.py``: stdlib + jupyter_client,
+one ipykernel per context) and speaks E2B's own HTTP API on 127.0.0.1:49999 there. This app checks
+the caller, then relays the request and streams the response back over the agent's
+``port.connect`` (the sandbox has only loopback; the agent dials in for us). So the wire format
+is produced in exactly one place, kernels live and die with their sandbox (nothing in the daemon
+to leak or to lose on a daemon restart), a process in the sandbox can use the same API on
+localhost, and requests for sandbox A cannot reach B: each goes through A's own agent socket.
+
+Lifecycle: the server is started as ``user`` (cwd /home/user, tag ``shoal-code-interpreter``)
+* eagerly, in a background thread, when the daemon creates a sandbox of ``code-interpreter-v1``
+  (or a template built on it); it starts the default Python kernel at once, so the first execute
+  after create waits at most for what is left of a kernel start (under a second here);
+* lazily, on any interpreter request that finds nothing listening (a sandbox made before the
+  daemon started, or one whose server was killed). The source is uploaded by the agent's file
+  write each time it is started (to ``/opt/shoal/kernel_server.py``), so the server always
+  matches this daemon, whatever image the template was built with.
+
+Auth (as envd, ``security.Tokens``): the SDK sends ``X-Access-Token`` (the envdAccessToken) on
+``/execute`` and ``E2B-Traffic-Access-Token`` (the trafficAccessToken) on every call; either one,
+valid for this sandbox, is enough. Neither is forwarded into the sandbox.
+
+Errors of this app (not of the server) are E2B's ``{"code", "message"}``: 401 without a valid
+token, 502 when the sandbox is gone or paused, or its interpreter cannot start (E2B's proxy
+answers 502 too; the SDK reads it as "sandbox timed out / not running").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from pathlib import Path
+
+from shoal.engine import Engine, SandboxState
+from shoal.errors import NotFound, RuntimeFailure, ShoalError
+from shoal.runtime.agent_aio import AsyncAgentClient
+from shoal.runtime.agent_client import AgentClient, ProcessStream
+from shoal.server.e2b.security import Tokens, header
+
+log = logging.getLogger("shoal.e2b.interpreter")
+
+PORT = 49999
+TEMPLATE = "code-interpreter-v1"
+SERVER_PATH = "/opt/shoal/kernel_server.py"
+SERVER_USER = "user"
+SERVER_CWD = "/home/user"
+TAG = "shoal-code-interpreter"
+READY = b"shoal-code-interpreter ready"
+#: How long the server may take to print its ready line (it listens before starting a kernel).
+START_TIMEOUT = 30.0
+MAX_BODY = 64 * 1024 * 1024
+CHUNK = 64 * 1024
+#: Never forwarded into the sandbox: hop-by-hop, re-made below, or secrets of the caller.
+_DROP_REQUEST = {b"host", b"connection", b"keep-alive", b"content-length", b"transfer-encoding", b"te", b"trailer",
+                 b"upgrade", b"proxy-authorization", b"authorization", b"x-api-key", b"x-access-token",
+                 b"e2b-traffic-access-token", b"e2b-sandbox-id", b"e2b-sandbox-port"}
+_DROP_RESPONSE = {b"connection", b"keep-alive", b"transfer-encoding"}
+
+_source: bytes | None = None
+
+
+def server_source() -> bytes:
+    """The in-sandbox server's source (``kernel_server.py`` beside this module)."""
+    global _source
+    if _source is None:
+        _source = Path(__file__).with_name("kernel_server.py").read_bytes()
+    return _source
+
+
+def authorize(scope: dict, tokens: Tokens) -> bool:
+    """The E2B auth hook: a valid envd access token or traffic access token for this sandbox."""
+    sid = scope.get("shoal.sandbox_id") or ""
+    return (tokens.check_envd(sid, header(scope, b"x-access-token"))
+            or tokens.check_traffic(sid, header(scope, b"e2b-traffic-access-token")))
+
+
+# --- starting the server in a sandbox (blocking; runs in threads) ----------------------------------
+
+def _listening(agent: AgentClient) -> bool:
+    try:
+        agent.call({"op": "port.connect", "port": PORT, "host": "127.0.0.1"}, timeout=10)
+        return True
+    except NotFound:
+        return False
+
+
+class Launcher:
+    """Starts the kernel server in a sandbox at most once at a time (per-sandbox lock)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _lock(self, sandbox_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(sandbox_id, threading.Lock())
+
+    def forget(self, sandbox_id: str) -> None:
+        with self._guard:
+            self._locks.pop(sandbox_id, None)
+
+    def ensure(self, sandbox_id: str) -> None:
+        """Return once something listens on the interpreter port in the sandbox, starting the
+        server if nothing does. Raises a ShoalError saying why it could not start."""
+        with self._lock(sandbox_id):
+            agent = self.engine.agent(sandbox_id)  # RUNNING only
+            agent.wait_ready(timeout=10)
+            if _listening(agent):
+                return
+            agent.write_file(SERVER_PATH, server_source(), user="root", mode=0o644)
+            conn = agent.connect(timeout=START_TIMEOUT)
+            try:
+                conn.send({"op": "process.start", "cmd": ["python3", SERVER_PATH], "user": SERVER_USER,
+                           "cwd": SERVER_CWD, "tag": TAG})
+                stream = ProcessStream(conn)
+                out, err = bytearray(), bytearray()
+                for ev in stream:
+                    if ev.kind == "stdout":
+                        out += ev.data
+                        if READY in out:
+                            log.debug("code interpreter started", extra={"sandbox": sandbox_id})
+                            return  # closing the connection leaves the server running
+                    elif ev.kind == "stderr":
+                        err = (err + ev.data)[-4096:]
+                    elif ev.kind == "end":
+                        if _listening(agent):  # lost a race with another starter: fine
+                            return
+                        last = err.decode("utf-8", "replace").strip().splitlines()
+                        raise RuntimeFailure(f"the code interpreter exited at start (code {ev.end['exit_code']})"
+                                             + (f": {last[-1]}" if last else ""), sandbox_id=sandbox_id)
+            finally:
+                conn.close()
+
+
+# --- the ASGI app ------------------------------------------------------------------------------------
+
+async def _send_json(send, status: int, body: object) -> None:  # noqa: ANN001
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(receive) -> bytes:  # noqa: ANN001
+    body = bytearray()
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ConnectionResetError("client left")
+        body += msg.get("body", b"")
+        if len(body) > MAX_BODY:
+            raise _TooLarge
+        if not msg.get("more_body"):
+            return bytes(body)
+
+
+class InterpreterApp:
+    """ASGI app for port 49999 of every sandbox. ``prestart``: start the server in new
+    ``code-interpreter-v1`` sandboxes as they are created (see the module docstring)."""
+
+    def __init__(self, engine: Engine, *, prestart: bool = True) -> None:
+        self.engine = engine
+        self.tokens = Tokens.of(engine.settings.state_dir)
+        self.launcher = Launcher(engine)
+        self._unsubscribe = engine.subscribe(self._on_event) if prestart else None
+
+    def close(self) -> None:
+        """Stop following the engine's events (servers already started keep running)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    # --- eager start -------------------------------------------------------------------------------
+    def has_interpreter(self, template: str) -> bool:
+        """``code-interpreter-v1`` or a template built on it."""
+        recipes = self.engine.templates.recipes
+        for _ in range(10):
+            if template == TEMPLATE:
+                return True
+            recipe = recipes.get(template)
+            if recipe is None or recipe.parent is None:
+                return False
+            template = recipe.parent
+        return False
+
+    def _on_event(self, event: dict) -> None:
+        sandbox = event.get("sandbox") or {}
+        sid = sandbox.get("id")
+        if not sid:
+            return
+        if event.get("type") == "created" and self.has_interpreter(str(sandbox.get("template"))):
+            threading.Thread(target=self._prestart, args=(sid,), name=f"shoal-interpreter-{sid}",
+                             daemon=True).start()
+        elif event.get("type") in ("deleted", "expired"):
+            self.launcher.forget(sid)
+
+    def _prestart(self, sandbox_id: str) -> None:
+        try:
+            self.launcher.ensure(sandbox_id)
+        except Exception as exc:  # noqa: BLE001 - the first request retries and reports it
+            log.info("code interpreter did not pre-start: %s", exc, extra={"sandbox": sandbox_id})
+
+    # --- requests ----------------------------------------------------------------------------------
+    async def __call__(self, scope: dict, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 4404})
+            return
+        if scope["type"] != "http":
+            return
+        sid = scope.get("shoal.sandbox_id") or ""
+        if not authorize(scope, self.tokens):
+            await _send_json(send, 401, {"code": 401, "message": "invalid or missing X-Access-Token "
+                                                                 "or E2B-Traffic-Access-Token"})
+            return
+        problem = self._unavailable(sid)
+        if problem is not None:
+            await _send_json(send, 502, {"code": 502, "message": problem})
+            return
+        try:
+            body = await _read_body(receive)
+        except _TooLarge:
+            await _send_json(send, 413, {"code": 413, "message": f"request body over {MAX_BODY} bytes"})
+            return
+        except ConnectionResetError:
+            return
+        try:
+            reader, writer = await self._open(sid)
+        except ShoalError as exc:
+            await _send_json(send, 502, {"code": 502, "message": f"the code interpreter of sandbox {sid} "
+                                                                 f"is not available: {exc.message}"})
+            return
+        try:
+            await self._relay(scope, body, reader, writer, receive, send)
+        finally:
+            writer.close()
+
+    def _unavailable(self, sid: str) -> str | None:
+        try:
+            rec = self.engine.get(sid)
+        except NotFound:
+            return f"The sandbox {sid} was not found"
+        if rec.state is SandboxState.PAUSED:
+            return f"The sandbox {sid} was not found: it is paused (connect to resume it)"
+        if rec.state is not SandboxState.RUNNING:
+            return f"The sandbox {sid} was not found: it is {rec.state.value}"
+        return None
+
+    async def _open(self, sid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        agent = AsyncAgentClient(str(self.engine.runtime.agent_socket(sid)), sid)
+        try:
+            return await agent.open_port(PORT)
+        except NotFound:
+            pass  # nothing listens yet: start the server (or wait for the pre-start in progress)
+        await asyncio.to_thread(self.launcher.ensure, sid)
+        return await agent.open_port(PORT)
+
+    async def _relay(self, scope: dict, body: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     receive, send) -> None:  # noqa: ANN001
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        head = [scope["method"].encode() + b" " + target + b" HTTP/1.1", b"Host: 127.0.0.1:%d" % PORT,
+                b"Connection: close", b"Content-Length: %d" % len(body)]
+        head += [name + b": " + value for name, value in scope["headers"] if name.lower() not in _DROP_REQUEST]
+        try:
+            writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            await writer.drain()
+            status_line = await reader.readline()
+            status = int(status_line.split(b" ", 2)[1])
+            headers = []
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b"\n"):
+                    break
+                if not line:
+                    raise ConnectionResetError("response head cut short")
+                name, _, value = line.partition(b":")
+                if name.strip().lower() not in _DROP_RESPONSE:
+                    headers.append((name.strip().lower(), value.strip()))
+        except (OSError, ValueError, IndexError) as exc:
+            await _send_json(send, 502, {"code": 502, "message": f"the code interpreter of sandbox "
+                                                                 f"{scope.get('shoal.sandbox_id')} failed: {exc}"})
+            return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+
+        async def watch_disconnect() -> None:
+            # The client left (e.g. the SDK's execution timeout): closing our side makes the server
+            # see EOF and interrupt the kernel.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            writer.close()
+
+        watcher = asyncio.create_task(watch_disconnect())
+        try:
+            while True:
+                try:
+                    chunk = await reader.read(CHUNK)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()

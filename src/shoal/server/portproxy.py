@@ -1,0 +1,326 @@
+"""Reverse proxy to a TCP port inside a sandbox: what an E2B ``get_host(port)`` URL reaches.
+
+``SandboxRouting`` sends here traffic addressed to a port that is neither envd's nor the code
+interpreter's, with ``scope["shoal.sandbox_id"]`` and ``scope["shoal.port"]``. Each request gets
+its own connection into the sandbox (``AsyncAgentClient.open_port``: a raw byte stream relayed by
+the agent); the request is written in HTTP/1.1 and the answer parsed with h11, both streamed.
+WebSockets are relayed message by message (``websockets``' sans-I/O client on the same stream).
+
+Who may pass (see ``shoal.server.e2b.security``):
+
+* traffic routed by the ``E2b-Sandbox-Id`` header needs the sandbox's ``X-Access-Token`` or its
+  traffic token (``E2B-Traffic-Access-Token``);
+* traffic routed by ``Host: <port>-<id>.<domain>`` is public, as on E2B, unless the sandbox was
+  created with ``network.allowPublicTraffic = false``; then it needs the traffic token. A token
+  that is sent must be right either way. Public means: anyone who can reach the daemon's address
+  (loopback unless ``shoal serve --host`` says otherwise) and knows the sandbox id.
+
+Nothing listening on the port: 502 ``{"code": 502, "message": "... port is not open ..."}`` (the
+phrase the SDK looks for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import urllib.parse
+
+import h11
+
+from shoal.engine import Engine, SandboxState
+from shoal.errors import NotFound, ShoalError
+from shoal.runtime.agent_aio import AsyncAgentClient
+from shoal.server.e2b.security import Options, Tokens, header
+
+log = logging.getLogger("shoal.portproxy")
+READ_SIZE = 256 * 1024
+_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te",
+        b"trailer", b"transfer-encoding", b"upgrade"}
+_PRIVATE = {b"e2b-sandbox-id", b"e2b-sandbox-port", b"x-access-token", b"e2b-traffic-access-token"}
+
+
+async def _json(send, status: int, message: str) -> None:  # noqa: ANN001
+    body = json.dumps({"code": status, "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class PortProxy:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokens = Tokens.of(engine.settings.state_dir)
+        opts = getattr(engine, "_e2b_options", None)
+        if opts is None:
+            opts = Options(engine.settings.state_dir)
+            engine._e2b_options = opts  # type: ignore[attr-defined]
+        self.options: Options = opts
+
+    def authorized(self, scope: dict) -> bool:
+        sid = scope["shoal.sandbox_id"]
+        access = header(scope, b"x-access-token")
+        traffic = header(scope, b"e2b-traffic-access-token")
+        if access is not None or traffic is not None:
+            return self.tokens.check_envd(sid, access) or self.tokens.check_traffic(sid, traffic)
+        if header(scope, b"e2b-sandbox-id") is not None:
+            return False
+        return bool(self.options.get(sid).get("public", True))
+
+    def unavailable(self, sid: str) -> str | None:
+        try:
+            rec = self.engine.get(sid)
+        except NotFound:
+            return f"The sandbox {sid} was not found"
+        if rec.state is not SandboxState.RUNNING:
+            return f"The sandbox {sid} was not found: it is {rec.state.value}"
+        return None
+
+    async def __call__(self, scope: dict, receive, send) -> None:  # noqa: ANN001
+        sid, port = scope["shoal.sandbox_id"], scope["shoal.port"]
+        ws = scope["type"] == "websocket"
+        if not self.authorized(scope):
+            if ws:
+                await send({"type": "websocket.close", "code": 4401})
+            else:
+                await _json(send, 401, "this sandbox port needs the sandbox's access token")
+            return
+        if not 0 < port < 65536:
+            if ws:
+                await send({"type": "websocket.close", "code": 4400})
+            else:
+                await _json(send, 400, f"invalid port {port}")
+            return
+        problem = self.unavailable(sid)
+        if problem is None:
+            try:
+                agent = AsyncAgentClient(str(self.engine.runtime.agent_socket(sid)), sid)
+                reader, writer = await agent.open_port(port)
+            except NotFound:
+                problem = f"The sandbox {sid} is running but port is not open: nothing listens on port {port}"
+            except ShoalError as exc:
+                problem = f"cannot reach port {port} of sandbox {sid}: {exc.message}"
+        if problem is not None:
+            if ws:
+                await send({"type": "websocket.close", "code": 1011, "reason": problem[:120]})
+            else:
+                await _json(send, 502, problem)
+            return
+        try:
+            if ws:
+                await self._websocket(scope, receive, send, reader, writer)
+            else:
+                await self._http(scope, receive, send, reader, writer)
+        finally:
+            writer.close()
+
+    # --- HTTP --------------------------------------------------------------------------------------
+    @staticmethod
+    def _request(scope: dict) -> tuple[h11.Request, bool]:
+        headers: list[tuple[bytes, bytes]] = []
+        has_length = chunked = False
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                has_length = True
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            if name in _HOP or name in _PRIVATE:
+                continue
+            headers.append((name, value))
+        if chunked and not has_length:
+            headers.append((b"transfer-encoding", b"chunked"))
+        client = scope.get("client")
+        if client:
+            headers.append((b"x-forwarded-for", str(client[0]).encode()))
+        headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+        headers.append((b"connection", b"close"))
+        if not any(n == b"host" for n, _ in headers):
+            headers.append((b"host", f"127.0.0.1:{scope['shoal.port']}".encode()))
+        target = scope.get("raw_path") or urllib.parse.quote(scope["path"]).encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        return h11.Request(method=scope["method"], target=target, headers=headers), has_length or chunked
+
+    async def _http(self, scope: dict, receive, send, reader: asyncio.StreamReader,  # noqa: ANN001
+                    writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.CLIENT)
+        request, has_body = self._request(scope)
+        writer.write(conn.send(request))
+        gone = asyncio.Event()
+
+        async def pump_body() -> None:
+            try:
+                if has_body:
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            gone.set()
+                            writer.close()
+                            return
+                        data = message.get("body", b"")
+                        if data and conn.our_state is h11.SEND_BODY:
+                            writer.write(conn.send(h11.Data(data=data)))
+                            await writer.drain()
+                        if not message.get("more_body", False):
+                            break
+                if conn.our_state is h11.SEND_BODY:
+                    writer.write(conn.send(h11.EndOfMessage()))
+                    await writer.drain()
+                while True:  # afterwards: notice a client that leaves mid-answer
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        gone.set()
+                        writer.close()
+                        return
+            except (ConnectionError, OSError, h11.LocalProtocolError):
+                return
+
+        pumping = asyncio.create_task(pump_body())
+        started = False
+        try:
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    if not started:
+                        await _json(send, 502, f"invalid HTTP answer from port {scope['shoal.port']}: {exc}")
+                        started = True
+                    break
+                if event is h11.NEED_DATA:
+                    try:
+                        data = await reader.read(READ_SIZE)
+                    except (ConnectionError, OSError):
+                        data = b""
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.InformationalResponse):
+                    continue
+                if isinstance(event, h11.Response):
+                    out = [(n, v) for n, v in event.headers if n not in _HOP]
+                    await send({"type": "http.response.start", "status": event.status_code, "headers": out})
+                    started = True
+                elif isinstance(event, h11.Data):
+                    if not gone.is_set():
+                        await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    if not started:
+                        await _json(send, 502, f"port {scope['shoal.port']} closed the connection without an answer")
+                        started = True
+                    else:
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    break
+        finally:
+            pumping.cancel()
+            with contextlib.suppress(BaseException):
+                await pumping
+
+    # --- WebSocket ---------------------------------------------------------------------------------
+    async def _websocket(self, scope: dict, receive, send, reader: asyncio.StreamReader,  # noqa: ANN001
+                         writer: asyncio.StreamWriter) -> None:
+        from websockets.client import ClientProtocol
+        from websockets.frames import Opcode
+        from websockets.http11 import Response
+        from websockets.uri import parse_uri
+
+        first = await receive()
+        if first["type"] != "websocket.connect":
+            return
+        path = scope.get("raw_path") or urllib.parse.quote(scope["path"]).encode()
+        if scope.get("query_string"):
+            path += b"?" + scope["query_string"]
+        proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{scope['shoal.port']}{path.decode('latin-1')}"),
+                               subprotocols=scope.get("subprotocols") or None, max_size=None)
+        request = proto.connect()
+        for name, value in scope["headers"]:
+            lname = name.decode("latin-1")
+            if name in _PRIVATE or name in _HOP or lname.startswith("sec-websocket-") or name == b"host":
+                continue
+            request.headers[lname] = value.decode("latin-1")
+        host = header(scope, b"host")
+        if host:
+            del request.headers["Host"]
+            request.headers["Host"] = host
+        proto.send_request(request)
+
+        def flush() -> None:
+            for chunk in proto.data_to_send():
+                if chunk:
+                    writer.write(chunk)
+
+        flush()
+        handshake = None
+        early: list = []  # frames that came in the same read as the handshake answer
+        while handshake is None:
+            data = await reader.read(READ_SIZE)
+            proto.receive_data(data)
+            for ev in proto.events_received():
+                if isinstance(ev, Response):
+                    handshake = ev
+                else:
+                    early.append(ev)
+            if not data and handshake is None:
+                break
+        if handshake is None or proto.handshake_exc is not None:
+            await send({"type": "websocket.close", "code": 1011})
+            return
+        await send({"type": "websocket.accept", "subprotocol": proto.subprotocol})
+
+        async def client_to_sandbox() -> None:
+            while True:
+                msg = await receive()
+                if msg["type"] == "websocket.disconnect":
+                    with contextlib.suppress(Exception):
+                        proto.send_close(msg.get("code", 1000))
+                        flush()
+                    return
+                if msg.get("bytes") is not None:
+                    proto.send_binary(msg["bytes"])
+                elif msg.get("text") is not None:
+                    proto.send_text(msg["text"].encode())
+                flush()
+                await writer.drain()
+
+        async def sandbox_to_client() -> None:
+            parts: list[bytes] = []
+            kind = None
+            data = b"-"
+            while True:
+                if early:
+                    frames, early[:] = list(early), []
+                else:
+                    data = await reader.read(READ_SIZE)
+                    proto.receive_data(data)
+                    frames = proto.events_received()
+                for frame in frames:
+                    if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                        kind, parts = frame.opcode, [frame.data]
+                    elif frame.opcode is Opcode.CONT:
+                        parts.append(frame.data)
+                    elif frame.opcode is Opcode.CLOSE:
+                        code = proto.close_rcvd.code if proto.close_rcvd else 1000
+                        code = 1000 if code in (1005, 1006, 1015) else code  # reserved: never sent
+                        flush()
+                        await send({"type": "websocket.close", "code": code})
+                        return
+                    else:
+                        continue
+                    if frame.fin:
+                        payload = b"".join(parts)
+                        if kind is Opcode.TEXT:
+                            await send({"type": "websocket.send", "text": payload.decode("utf-8", "replace")})
+                        else:
+                            await send({"type": "websocket.send", "bytes": payload})
+                flush()
+                if not data:
+                    await send({"type": "websocket.close", "code": 1001})
+                    return
+
+        tasks = [asyncio.create_task(client_to_sandbox()), asyncio.create_task(sandbox_to_client())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*tasks, return_exceptions=True)
