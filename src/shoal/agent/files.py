@@ -84,7 +84,7 @@ def entry(path: str, s: os.stat_result | None = None) -> dict:
     return info
 
 
-class _Identity:
+class Identity:
     """Act with a sandbox user's file permissions in this thread only.
 
     ``setfsuid``/``setfsgid`` are per-thread system calls (the kernel also drops the file
@@ -102,9 +102,9 @@ class _Identity:
         if self.user.uid == 0 and self.user.gid == 0:
             return
         import ctypes
-        if _Identity._libc is None:
-            _Identity._libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc = _Identity._libc
+        if Identity._libc is None:
+            Identity._libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc = Identity._libc
         groups = (ctypes.c_uint * max(1, len(self.user.groups)))(*self.user.groups)
         nr = self._SETGROUPS.get(os.uname().machine)
         if nr is not None:
@@ -116,7 +116,7 @@ class _Identity:
         if self.user.uid == 0 and self.user.gid == 0:
             return
         import ctypes
-        libc = _Identity._libc
+        libc = Identity._libc
         libc.setfsuid(0)
         libc.setfsgid(0)
         nr = self._SETGROUPS.get(os.uname().machine)
@@ -128,7 +128,7 @@ class _Identity:
 def _simple(sock, fn, req: dict | None = None) -> None:  # noqa: ANN001
     """Run ``fn() -> dict`` as the request's user and send its reply, translating the usual failures."""
     try:
-        with _Identity(_user(req or {})):
+        with Identity(_user(req or {})):
             reply = fn()
     except LookupError as exc:
         reply = p.error_reply("not_found", str(exc))
@@ -266,7 +266,7 @@ def read(sock, reader, req: dict) -> None:  # noqa: ANN001
     try:
         user = _user(req)
         path = resolve(req.get("path"), user)
-        with _Identity(user):  # permission is checked at open; the open fd reads on
+        with Identity(user):  # permission is checked at open; the open fd reads on
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except LookupError as exc:
         sock.sendall(p.message(p.error_reply("not_found", str(exc))))
@@ -310,7 +310,7 @@ def write(sock, reader: p.FrameReader, req: dict) -> None:  # noqa: ANN001
         _drain(reader)
         sock.sendall(p.message(p.error_reply("not_found", str(exc))))
         return
-    with _Identity(user):
+    with Identity(user):
         _write(sock, reader, req, user)
 
 

@@ -157,7 +157,21 @@ def main() -> None:
                     try:
                         _thread.start_new_thread(serve_connection, (conn_fd,))
                     except (RuntimeError, MemoryError):  # at the pids/memory limit: refuse, live on
-                        os.close(conn_fd)
+                        _refuse(conn_fd)
+
+
+_BUSY = p.message(p.error_reply("resource_exhausted",
+                                 "the sandbox is at its process limit: the agent cannot serve this call now"))
+
+
+def _refuse(fd: int) -> None:
+    """Tell the caller why, without blocking PID 1 (the reply fits any empty socket buffer)."""
+    try:
+        os.set_blocking(fd, False)
+        os.write(fd, _BUSY)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def _shutdown() -> None:

@@ -24,6 +24,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DRAIN_AFTER_EXIT = 0.1
 SEND_TIMEOUT = 30.0
 MAX_PENDING_INPUT = 4 * p.CHUNK
+LINGER = 5.0
 
 #: Environment every process gets (the sandbox-wide env from create is merged in by ``main``).
 base_env: dict[str, str] = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
@@ -204,6 +205,10 @@ def _prepare(req: dict) -> tuple[list[str], dict[str, str], str, users.User]:
     argv = req.get("cmd")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
         raise ValueError("cmd must be a non-empty list of strings")
+    for text in (*argv, req.get("cwd") or "", *(req.get("env") or {}).keys(), *(req.get("env") or {}).values()):
+        if not isinstance(text, str) or "\0" in text:
+            raise ValueError("cmd, cwd and env must be text without NUL bytes")
+        text.encode("utf-8")  # UnicodeEncodeError is a ValueError: lone surrogates are refused
     user = users.lookup(req.get("user"))
     env = dict(base_env)
     env.update({"HOME": user.home, "USER": user.name, "LOGNAME": user.name})
@@ -288,6 +293,21 @@ def start(sock, reader: p.FrameReader, req: dict) -> None:  # noqa: ANN001
     outputs = {master: p.PTY} if pty_req else {out_r: p.STDOUT, err_r: p.STDERR}
     timeout = req.get("timeout")
     _pump(proc, me, reader, outputs, time.monotonic() + float(timeout) if timeout else None)
+    if me.alive:
+        _linger(me.sock)
+
+
+def _linger(sock) -> None:  # noqa: ANN001
+    """End our side but keep reading until the client closes (at most a few seconds): a client
+    that sends input or a signal just as the process ends must not meet a closed socket (EPIPE),
+    which would make it lose the end event it has not read yet."""
+    try:
+        sock.shutdown(1)  # SHUT_WR: the client sees EOF after the end event
+        sock.settimeout(LINGER)
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
 
 
 def _pump(proc: Process, me: Subscriber, reader: p.FrameReader, outputs: dict[int, int],

@@ -11,7 +11,7 @@ import struct
 
 from shoal.agent import protocol as p
 from shoal.agent import users
-from shoal.agent.files import entry, os_error, resolve
+from shoal.agent.files import Identity, entry, os_error, resolve
 
 IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
@@ -93,14 +93,17 @@ class Inotify:
 
 def watch(sock, reader: p.FrameReader, req: dict) -> None:  # noqa: ANN001
     try:
-        root = resolve(req.get("path"), users.lookup(req.get("user")))
+        user = users.lookup(req.get("user"))
+        identity = Identity(user)  # a user may only watch what it may read
+        root = resolve(req.get("path"), user)
         recursive = bool(req.get("recursive"))
         if not os.path.isdir(root):
             sock.sendall(p.message(p.error_reply("not_found" if not os.path.exists(root) else "invalid_argument",
                                                  f"{root}: not a directory")))
             return
         ino = Inotify()
-        (ino.add_tree if recursive else ino.add)(root)
+        with identity:
+            (ino.add_tree if recursive else ino.add)(root)
     except (ValueError, LookupError) as exc:
         sock.sendall(p.message(p.error_reply("invalid_argument", str(exc))))
         return
@@ -126,7 +129,8 @@ def watch(sock, reader: p.FrameReader, req: dict) -> None:  # noqa: ANN001
                         continue
                     if recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
                         try:
-                            ino.add_tree(path)
+                            with identity:
+                                ino.add_tree(path)
                         except OSError:
                             pass
                     rel = os.path.relpath(path, root)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -31,6 +32,16 @@ Listener = Callable[[dict], None]
 MAX_TIMEOUT = 7 * 24 * 3600.0
 
 LIMITS = {"cpu": (0.05, 64.0), "memory_mb": (16, 256 * 1024), "disk_mb": (16, 1024 * 1024)}
+
+
+def _check_text(label: str, text: object) -> None:
+    """Strings that reach a process or the store must be valid UTF-8 without NUL bytes."""
+    if not isinstance(text, str) or "\0" in text:
+        raise InvalidRequest(f"{label} must be text without NUL bytes")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{label} contains text that is not valid UTF-8") from exc
 
 
 def process_start_time(pid: int) -> int | None:
@@ -60,6 +71,7 @@ class Engine:
         self.store = Store(self.settings.db_path)
         self.keys = KeyStore(self.settings.db_path)
         self._listeners: list[Listener] = []
+        self._admission = threading.Lock()
 
     # --- events ----------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -99,22 +111,20 @@ class Engine:
             raise InvalidRequest(f"timeout must be between 1 and {int(MAX_TIMEOUT)} seconds, not {timeout!r}")
         if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise InvalidRequest("metadata must map strings to strings")
-        if api_key is not None:
-            self._check_quota(api_key, int(memory_mb))
+        for label, table in (("env", env or {}), ("metadata", metadata or {})):
+            for text in (*table.keys(), *table.values()):
+                _check_text(label, text)
         info = self.templates.get(template)  # NotFound for unknown names
         if not info.built:
             if not build:
                 raise NotFound(f"template '{template}' is not built; run: shoal template build {template}")
             self.templates.build(template, progress=progress)
         lower = self.templates.mount(template)
-        rec = SandboxRecord(
-            id=new_sandbox_id(), template=template, state=SandboxState.CREATING, cpu=float(cpu),
-            memory_mb=int(memory_mb), disk_mb=int(disk_mb), created_at=time.time(), runtime=self.runtime.name,
-            env=dict(env or {}), metadata=dict(metadata or {}), owner_pid=owner_pid or os.getpid(),
-            owner_start=process_start_time(owner_pid or os.getpid()),
-            expires_at=time.time() + timeout if timeout else None, api_key=api_key.id if api_key else None,
-        )
-        self.store.put(rec)
+        with self._admission:  # quota check and record insert as one step, or parallel creates overrun it
+            if api_key is not None:
+                self._check_quota(api_key, int(memory_mb))
+            rec = self._new_record(template, cpu, memory_mb, disk_mb, env, metadata, owner_pid, timeout, api_key)
+            self.store.put(rec)
         try:
             self.runtime.create(SandboxSpec(rec.id, template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
                                             env=rec.env))
@@ -129,6 +139,17 @@ class Engine:
         if wait:
             self.agent(rec.id).wait_ready()
         return rec
+
+    def _new_record(self, template: str, cpu: float, memory_mb: int, disk_mb: int, env: dict[str, str] | None,
+                    metadata: dict[str, str] | None, owner_pid: int | None, timeout: float | None,
+                    api_key: ApiKey | None) -> SandboxRecord:
+        return SandboxRecord(
+            id=new_sandbox_id(), template=template, state=SandboxState.CREATING, cpu=float(cpu),
+            memory_mb=int(memory_mb), disk_mb=int(disk_mb), created_at=time.time(), runtime=self.runtime.name,
+            env=dict(env or {}), metadata=dict(metadata or {}), owner_pid=owner_pid or os.getpid(),
+            owner_start=process_start_time(owner_pid or os.getpid()),
+            expires_at=time.time() + timeout if timeout else None, api_key=api_key.id if api_key else None,
+        )
 
     def _check_quota(self, key: ApiKey, memory_mb: int) -> None:
         mine = [r for r in self.store.all() if r.api_key == key.id]
@@ -218,7 +239,11 @@ class Engine:
     def destroy(self, sandbox_id: str, api_key: ApiKey | None = None) -> None:
         """Any state but DELETED; frees every host resource even if a step fails."""
         rec = self.get(sandbox_id, api_key)
-        self._move(rec, SandboxState.STOPPING)
+        if rec.state is not SandboxState.STOPPING and SandboxState.STOPPING not in TRANSITIONS[rec.state]:
+            raise InvalidTransition(rec.state.value, "delete", sandbox_id)
+        # Whoever stops it owns it until it is gone: a reconcile elsewhere finishes it only if we die.
+        rec.state, rec.owner_pid, rec.owner_start = SandboxState.STOPPING, os.getpid(), process_start_time(os.getpid())
+        self.store.put(rec)
         try:
             self.runtime.destroy(sandbox_id)
         finally:
@@ -258,13 +283,14 @@ class Engine:
         with self._reconcile_lock() as mine:
             if not mine:
                 return cleaned  # another process is reconciling right now
+            # The host first, then the store: a sandbox's record is written before its first host
+            # resource, so anything found on the host that the later snapshot lacks is truly orphaned.
+            on_host = self.runtime.existing()
             known = {}
             for rec in self.store.all():
                 known[rec.id] = rec
-                if rec.state is SandboxState.CREATING:
-                    dead = not self._owner_alive(rec)  # its creator died mid-way
-                elif rec.state is SandboxState.STOPPING:
-                    dead = True  # destroy is idempotent: finish what a crashed destroy started
+                if rec.state in (SandboxState.CREATING, SandboxState.STOPPING):
+                    dead = not self._owner_alive(rec)  # its creator or destroyer died mid-way
                 elif rec.owner_pid is not None and not self._owner_alive(rec):
                     dead = True  # an ephemeral sandbox (shoal run) whose owner is gone
                 else:
@@ -272,7 +298,7 @@ class Engine:
                 if dead:
                     self._force_destroy(rec.id)
                     cleaned.append(rec.id)
-            for sid in self.runtime.existing() - set(known):
+            for sid in on_host - set(known):
                 self._force_destroy(sid)
                 cleaned.append(sid)
         return cleaned
@@ -280,6 +306,6 @@ class Engine:
     def _force_destroy(self, sandbox_id: str) -> None:
         try:
             self.runtime.destroy(sandbox_id)
-        except ShoalError:
-            pass
+        except (ShoalError, OSError):
+            pass  # left for the next reconcile; one stubborn sandbox must not stop the others
         self.store.delete(sandbox_id)

@@ -79,10 +79,12 @@ class AsyncProcessStream:
                 yield _NAMES.get(kind, "stdout"), payload
 
     async def send_stdin(self, data: bytes) -> None:
-        await self.conn.send_frame(p.STDIN, data)
+        if self.end is None:  # after the end the agent may be gone: a failed write would poison reads
+            await self.conn.send_frame(p.STDIN, data)
 
     async def control(self, msg: dict) -> None:
-        await self.conn.send(msg)
+        if self.end is None:
+            await self.conn.send(msg)
 
     async def wait(self) -> ExecResult:
         out, err = bytearray(), bytearray()

@@ -75,10 +75,22 @@ class AgentConnection:
         self.reader = p.FrameReader(self.sock)
 
     def send(self, obj: dict) -> None:
-        self.sock.sendall(p.message(obj))
+        self._send(p.message(obj))
 
     def send_frame(self, kind: int, data: bytes) -> None:
-        self.sock.sendall(p.frame(kind, data))
+        self._send(p.frame(kind, data))
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            # The agent closed on us; it may have said why before it did (e.g. out of processes).
+            try:
+                self.read_msg()
+            except ShoalError as reason:
+                raise reason from exc
+            raise RuntimeFailure(f"lost the connection to the sandbox agent: {exc}",
+                                 sandbox_id=self.sandbox_id) from exc
 
     def read(self) -> tuple[int, bytes]:
         try:

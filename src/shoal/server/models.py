@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from shoal.engine.models import SandboxRecord
 
-Str = Field(max_length=4096)
+
+
+def _clean_text(value: str) -> str:
+    """Text that is handed to a process, a file name or the store: UTF-8, no NUL bytes."""
+    if "\0" in value:
+        raise ValueError("must not contain NUL bytes")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid UTF-8 text (no lone surrogates)") from exc
+    return value
+
+
+#: Every user string of a request body.
+Text = Annotated[str, AfterValidator(_clean_text)]
 
 
 class Strict(BaseModel):
@@ -17,13 +31,13 @@ class Strict(BaseModel):
 
 
 class SandboxCreate(Strict):
-    template: str = Field("minimal", min_length=1, max_length=128)
+    template: Text = Field("minimal", min_length=1, max_length=128)
     cpu: float = Field(1.0, ge=0.05, le=64)
     memory_mb: int = Field(512, ge=16, le=256 * 1024)
     disk_mb: int = Field(1024, ge=16, le=1024 * 1024)
     timeout: int = Field(300, ge=1, le=7 * 24 * 3600, description="Seconds until the sandbox is deleted.")
-    env: dict[str, str] = Field(default_factory=dict)
-    metadata: dict[str, str] = Field(default_factory=dict)
+    env: dict[Text, Text] = Field(default_factory=dict)
+    metadata: dict[Text, Text] = Field(default_factory=dict)
 
 
 class Sandbox(BaseModel):
@@ -51,16 +65,16 @@ class TimeoutUpdate(Strict):
 
 
 class ExecRequest(Strict):
-    cmd: list[str] | str = Field(..., description="argv, or a string run by /bin/sh -c.")
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = Field(None, max_length=4096)
-    user: str | None = Field(None, max_length=256)
+    cmd: list[Text] | Text = Field(..., description="argv, or a string run by /bin/sh -c.")
+    env: dict[Text, Text] = Field(default_factory=dict)
+    cwd: Text | None = Field(None, max_length=4096)
+    user: Text | None = Field(None, max_length=256)
     timeout: float | None = Field(None, gt=0, le=7 * 24 * 3600)
-    stdin: str | None = Field(None, description="Text fed to stdin, then closed.")
+    stdin: Text | None = Field(None, description="Text fed to stdin, then closed.")
     stdin_open: bool = Field(False, description="Keep stdin open (write later via /processes/{pid}/stdin).")
     background: bool = Field(False, description="Return the pid at once; the process keeps running.")
     stream: bool = Field(False, description="Stream events as NDJSON (or SSE with Accept: text/event-stream).")
-    tag: str | None = Field(None, max_length=256)
+    tag: Text | None = Field(None, max_length=256)
 
     def argv(self) -> list[str]:
         return ["/bin/sh", "-c", self.cmd] if isinstance(self.cmd, str) else list(self.cmd)
@@ -93,8 +107,8 @@ class SignalRequest(Strict):
 
 
 class StdinRequest(Strict):
-    data: str = Field("", description="Text to write.")
-    data_b64: str | None = Field(None, description="Bytes to write, base64 (instead of data).")
+    data: Text = Field("", description="Text to write.")
+    data_b64: Text | None = Field(None, description="Bytes to write, base64 (instead of data).")
 
 
 class Entry(BaseModel):
@@ -111,12 +125,12 @@ class Entry(BaseModel):
 
 
 class PathRequest(Strict):
-    path: str = Field(..., min_length=1, max_length=4096)
+    path: Text = Field(..., min_length=1, max_length=4096)
 
 
 class MoveRequest(Strict):
-    src: str = Field(..., min_length=1, max_length=4096)
-    dst: str = Field(..., min_length=1, max_length=4096)
+    src: Text = Field(..., min_length=1, max_length=4096)
+    dst: Text = Field(..., min_length=1, max_length=4096)
 
 
 class Health(BaseModel):

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from shoal.errors import ShoalError
+
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 
@@ -33,14 +35,18 @@ def process_event(kind: str, data: bytes | dict) -> dict:
 
 
 def respond(events: AsyncIterator[dict], media: str, on_close=None) -> StreamingResponse:  # noqa: ANN001
+    def encode(ev: dict) -> bytes:
+        line = json.dumps(ev, separators=(",", ":"))
+        if media == SSE:
+            return f"event: {ev.get('type', 'message')}\ndata: {line}\n\n".encode()
+        return line.encode() + b"\n"
+
     async def body() -> AsyncIterator[bytes]:
         try:
             async for ev in events:
-                line = json.dumps(ev, separators=(",", ":"))
-                if media == SSE:
-                    yield f"event: {ev.get('type', 'message')}\ndata: {line}\n\n".encode()
-                else:
-                    yield line.encode() + b"\n"
+                yield encode(ev)
+        except ShoalError as exc:  # headers are sent: the failure becomes the stream's last event
+            yield encode({"type": "error", **exc.to_dict()})
         finally:
             if on_close is not None:
                 on_close()

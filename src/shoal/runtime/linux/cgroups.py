@@ -8,7 +8,9 @@ empty v2 tree; mounting the v1 ``hugetlb`` hierarchy moves the last one (hugetlb
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 from pathlib import Path
 
 from shoal.runtime.linux import mounts
@@ -130,10 +132,16 @@ def remove(sandbox_id: str) -> None:
     """Remove the sandbox's groups in every hierarchy (idempotent)."""
     for d in _dirs(sandbox_id):
         for sub in sorted(d.glob("**/"), key=lambda p: len(p.parts), reverse=True):
-            try:
-                sub.rmdir()
-            except FileNotFoundError:
-                pass
+            for attempt in range(50):  # EBUSY while the kernel is still letting the last task go
+                try:
+                    sub.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or attempt == 49:
+                        raise
+                    time.sleep(0.01)
 
 
 def existing() -> set[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import time
 from collections.abc import AsyncIterator
 
@@ -20,6 +19,8 @@ router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}", tags=["processes"])
 
 
 def _start_request(body: ExecRequest) -> dict:
+    if isinstance(body.cmd, str) and not body.cmd.strip():
+        raise InvalidRequest("cmd must not be empty")
     argv = body.argv()
     if not argv or not argv[0]:
         raise InvalidRequest("cmd must not be empty")
@@ -90,7 +91,7 @@ async def write_stdin(pid: int, body: StdinRequest, agent: AsyncAgentClient = De
     if body.data_b64 is not None:
         try:
             data = base64.b64decode(body.data_b64, validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, and non-ASCII input
             raise InvalidRequest("data_b64 is not valid base64") from exc
     else:
         data = body.data.encode()

@@ -57,7 +57,7 @@ async def _serve(ws: WebSocket, sandbox_id: str, pty: bool) -> None:
             while True:
                 msg = await ws.receive()
                 if msg["type"] == "websocket.disconnect":
-                    return
+                    break
                 if msg.get("bytes") is not None:
                     await stream.send_stdin(msg["bytes"])
                 elif msg.get("text"):
@@ -72,7 +72,14 @@ async def _serve(ws: WebSocket, sandbox_id: str, pty: bool) -> None:
                     elif op == "stdin":
                         await stream.send_stdin(str(ctl.get("data", "")).encode())
         except (WebSocketDisconnect, ShoalError, ValueError, KeyError):
-            return
+            pass
+        # The client is gone: hang up like a terminal does (SIGHUP to a PTY's session, EOF on a
+        # pipe), so an abandoned shell does not run forever.
+        if stream.end is None:
+            try:
+                await stream.control({"op": "signal", "signal": 1} if pty else {"op": "close_stdin"})
+            except (ShoalError, OSError):
+                pass
 
     reader = asyncio.create_task(pump_in())
     try:
