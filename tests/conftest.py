@@ -21,6 +21,7 @@ import pytest
 
 from shoal.errors import NotFound
 from shoal.runtime.agent_client import AgentClient
+from shoal.settings import Settings
 
 if os.geteuid() != 0:  # pragma: no cover - every test here needs namespaces, mounts and cgroups
     pytest.skip("sandbox tests need root", allow_module_level=True)
@@ -161,7 +162,7 @@ def leftovers(engine: Engine) -> Callable[..., list[str]]:
 import subprocess  # noqa: E402  (the daemon fixture's own imports)
 
 DAEMON_BIN = "/opt/shoal/venv/bin/shoal"
-LOCAL_KEY = Path("/var/lib/shoal/local.key")
+LOCAL_KEY = Settings().state_dir / "local.key"
 
 
 class RunningDaemon:

@@ -30,8 +30,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from shoal.settings import Settings
+
 SHOAL = "/opt/shoal/venv/bin/shoal"
-RUN_DIR = Path("/run/shoal")
+RUN_DIR = Settings().run_dir
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 

@@ -25,9 +25,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shoal.settings import Settings
+
 SHOAL = "/opt/shoal/venv/bin/shoal"
-LOCAL_KEY = Path("/var/lib/shoal/local.key")
-RUN_DIR = Path("/run/shoal")
+LOCAL_KEY = Settings().state_dir / "local.key"
+RUN_DIR = Settings().run_dir
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
