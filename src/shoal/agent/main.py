@@ -18,7 +18,8 @@ import os
 import select
 import sys
 
-from shoal.agent import processes, protocol as p
+from shoal.agent import processes
+from shoal.agent import protocol as p
 
 VERSION = "1"
 LISTEN_FD = 3

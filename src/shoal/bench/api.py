@@ -18,7 +18,7 @@ import time
 
 import httpx
 
-from shoal.bench.run import _percentiles
+from shoal.bench.run import _met, _percentiles, verdict
 from shoal.settings import Settings
 
 TARGETS = {"api_create_to_first_result_ms": 50.0, "api_exec_round_trip_ms": 3.0, "api_exec_per_second": 500.0}
@@ -140,13 +140,11 @@ def run_api_benchmarks(settings: Settings, iterations: int = 30, template: str =
         except subprocess.TimeoutExpired:
             proc.kill()
     results["targets"] = {
-        "api_create_to_first_result_ms": {"target_p50": TARGETS["api_create_to_first_result_ms"],
-                                          "met": results["api_create_to_first_result_ms"]["p50"]
-                                          <= TARGETS["api_create_to_first_result_ms"]},
-        "api_exec_round_trip_ms": {"target_p50": TARGETS["api_exec_round_trip_ms"],
-                                   "met": results["api_exec_round_trip_ms"]["p50"] <= TARGETS["api_exec_round_trip_ms"]},
-        "api_exec_per_second": {"target": TARGETS["api_exec_per_second"],
-                                "met": results["api_exec_per_second"]["value"] >= TARGETS["api_exec_per_second"]},
+        "api_create_to_first_result_ms": verdict(results["api_create_to_first_result_ms"]["p50"],
+                                                 TARGETS["api_create_to_first_result_ms"]),
+        "api_exec_round_trip_ms": verdict(results["api_exec_round_trip_ms"]["p50"], TARGETS["api_exec_round_trip_ms"]),
+        "api_exec_per_second": verdict(results["api_exec_per_second"]["value"], TARGETS["api_exec_per_second"],
+                                       at_most=False),
     }
     return results
 
@@ -154,11 +152,13 @@ def run_api_benchmarks(settings: Settings, iterations: int = 30, template: str =
 def report(results: dict) -> str:
     t = results["targets"]
     c, e, r = (results[k] for k in ("api_create_to_first_result_ms", "api_exec_round_trip_ms", "api_exec_per_second"))
-    mark = {True: "met", False: "NOT met"}
     return "\n".join([
-        f"api create → first result   p50 {c['p50']:8.2f}  p95 {c['p95']:8.2f}   target {t['api_create_to_first_result_ms']['target_p50']} ms: {mark[t['api_create_to_first_result_ms']['met']]}",
-        f"api exec round trip         p50 {e['p50']:8.2f}  p95 {e['p95']:8.2f}   | {e['baseline']}: p50 {e['baseline_ms']['p50']:.2f}   ratio {e['ratio_p50']}x   target {t['api_exec_round_trip_ms']['target_p50']} ms: {mark[t['api_exec_round_trip_ms']['met']]}",
-        f"api exec throughput         {r['value']:8.1f} req/s ({r['connections']} connections)   | {r['baseline']}: {r['baseline_value']}   target {t['api_exec_per_second']['target']}: {mark[t['api_exec_per_second']['met']]}",
+        f"{'api create → first result':28} p50 {c['p50']:8.2f}  p95 {c['p95']:8.2f}   "
+        f"{_met(t['api_create_to_first_result_ms'])}",
+        f"{'api exec round trip':28} p50 {e['p50']:8.2f}  p95 {e['p95']:8.2f}   | {e['baseline']}: "
+        f"p50 {e['baseline_ms']['p50']:.2f}   ratio {e['ratio_p50']}x   {_met(t['api_exec_round_trip_ms'])}",
+        f"{'api exec throughput':28} {r['value']:8.1f} req/s ({r['connections']} connections)   | "
+        f"{r['baseline']}: {r['baseline_value']}   {_met(t['api_exec_per_second'])}",
     ])
 
 

@@ -30,9 +30,9 @@ def _percentiles(samples_ms: list[float]) -> dict[str, float]:
 
 
 def _time(fn: Callable[[], object], iterations: int, after: Callable[[object], None] | None = None) -> dict:
-    fn_result = fn()  # warm-up
+    warm = fn()
     if after:
-        after(fn_result)
+        after(warm)
     samples = []
     for _ in range(iterations):
         t = time.perf_counter()
@@ -63,7 +63,8 @@ def _bare_crun_bundle(rootfs: Path, workdir: Path) -> Path:
 
 def _crun_run_true(bundle: Path, state: Path, counter: list[int]) -> None:
     counter[0] += 1
-    subprocess.run(["crun", "--root", str(state), "run", "--bundle", str(bundle), f"shoal-bench-{os.getpid()}-{counter[0]}"],
+    name = f"shoal-bench-{os.getpid()}-{counter[0]}"
+    subprocess.run(["crun", "--root", str(state), "run", "--bundle", str(bundle), name],
                    check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -86,8 +87,8 @@ def run_benchmarks(engine: Engine, iterations: int = 30, template: str = "minima
     if not engine.templates.get(template).built:
         engine.templates.build(template)
     lower = engine.templates.mount(template)
-    results: dict = {"host": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version()},
-                     "template": template, "iterations": iterations}
+    host = {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    results: dict = {"host": host, "template": template, "iterations": iterations}
 
     # create → first result, against a bare `crun run /bin/true`
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
@@ -102,7 +103,7 @@ def run_benchmarks(engine: Engine, iterations: int = 30, template: str = "minima
         assert result.exit_code == 0
         return rec.id
 
-    create = _time(create_and_run, iterations, after=lambda sid: engine.destroy(sid))  # type: ignore[arg-type]
+    create = _time(create_and_run, iterations, after=engine.destroy)  # type: ignore[arg-type]
     results["create_to_first_result_ms"] = {**create, "baseline": "crun run /bin/true (bare bundle)",
                                             "baseline_ms": crun, "ratio_p50": round(create["p50"] / crun["p50"], 2)}
 
@@ -120,30 +121,34 @@ def run_benchmarks(engine: Engine, iterations: int = 30, template: str = "minima
     finally:
         engine.destroy(rec.id)
 
-    idle = results["idle_memory_mib"].get("cgroup_mib", 0) + 0.0
+    memory = results["idle_memory_mib"]
+    idle = max(memory.get("cgroup_mib", 0.0), memory.get("agent_pss_mib", 0.0))
     results["targets"] = {
-        "create_to_first_result_ms": {"target_p50": TARGETS["create_to_first_result_ms"],
-                                      "met": results["create_to_first_result_ms"]["p50"] <= TARGETS["create_to_first_result_ms"]},
-        "exec_round_trip_ms": {"target_p50": TARGETS["exec_round_trip_ms"],
-                               "met": results["exec_round_trip_ms"]["p50"] <= TARGETS["exec_round_trip_ms"]},
-        "idle_memory_mib": {"target": TARGETS["idle_memory_mib"],
-                            "value": max(idle, results["idle_memory_mib"].get("agent_pss_mib", 0)),
-                            "met": max(idle, results["idle_memory_mib"].get("agent_pss_mib", 0)) <= TARGETS["idle_memory_mib"]},
+        "create_to_first_result_ms": verdict(results["create_to_first_result_ms"]["p50"],
+                                             TARGETS["create_to_first_result_ms"]),
+        "exec_round_trip_ms": verdict(results["exec_round_trip_ms"]["p50"], TARGETS["exec_round_trip_ms"]),
+        "idle_memory_mib": verdict(idle, TARGETS["idle_memory_mib"]),
     }
     shutil.rmtree(Path(tempfile.gettempdir()) / "shoal-bench-state", ignore_errors=True)
     return results
+
+
+def verdict(value: float, target: float, at_most: bool = True) -> dict:
+    """A measured figure against its goal (``at_most``: lower is better)."""
+    return {"value": round(value, 3), "target": target, "met": value <= target if at_most else value >= target}
+
+
+def _met(v: dict) -> str:
+    return f"target {v['target']:g}: {'met' if v['met'] else 'NOT met'}"
 
 
 def report(results: dict) -> str:
     """A short human table."""
     lines = [f"host: {results['host']}  template: {results['template']}"]
     for key in ("create_to_first_result_ms", "exec_round_trip_ms"):
-        r = results[key]
-        b = r["baseline_ms"]
-        met = "met" if results["targets"][key]["met"] else "NOT met"
-        lines.append(f"{key:28} p50 {r['p50']:8.2f}  p95 {r['p95']:8.2f}   | {r['baseline']}: p50 {b['p50']:.2f} "
-                     f"p95 {b['p95']:.2f}   ratio {r['ratio_p50']}x   target {results['targets'][key]['target_p50']} ms: {met}")
-    m = results["idle_memory_mib"]
-    t = results["targets"]["idle_memory_mib"]
-    lines.append(f"{'idle_memory_mib':28} {m}   target {t['target']} MiB: {'met' if t['met'] else 'NOT met'}")
+        r, b = results[key], results[key]["baseline_ms"]
+        lines.append(f"{key:28} p50 {r['p50']:8.2f}  p95 {r['p95']:8.2f}   | {r['baseline']}: "
+                     f"p50 {b['p50']:.2f} p95 {b['p95']:.2f}   ratio {r['ratio_p50']}x   "
+                     f"{_met(results['targets'][key])}")
+    lines.append(f"{'idle_memory_mib':28} {results['idle_memory_mib']}   {_met(results['targets']['idle_memory_mib'])}")
     return "\n".join(lines)

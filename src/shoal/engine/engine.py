@@ -12,13 +12,12 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
+from shoal.engine.keys import ApiKey, KeyStore
 from shoal.engine.models import TRANSITIONS, SandboxRecord, SandboxState, new_sandbox_id, valid_sandbox_id
 from shoal.engine.store import Store
-from shoal.engine.keys import ApiKey, KeyStore
 from shoal.errors import InvalidRequest, InvalidTransition, NotFound, QuotaExceeded, ShoalError
 from shoal.images import TemplateStore
 from shoal.runtime.agent_client import AgentClient, ExecResult

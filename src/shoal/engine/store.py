@@ -47,7 +47,7 @@ class Store:
 
     @staticmethod
     def _row(row: tuple) -> SandboxRecord:
-        d = dict(zip(_COLUMNS, row))
+        d = dict(zip(_COLUMNS, row, strict=False))
         d["state"] = SandboxState(d["state"])
         d["env"] = json.loads(d["env"])
         d["metadata"] = json.loads(d["metadata"])

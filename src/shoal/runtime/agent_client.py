@@ -164,8 +164,8 @@ class ProcessStream:
             for chunk in chunks:
                 self.send_stdin(bytes(chunk))
             self.close_stdin()
-        except OSError:
-            pass
+        except (OSError, ShoalError):
+            pass  # the process ended (or the stream was closed) before it took all its input
 
     def signal(self, signum: int) -> None:
         self.conn.send({"op": "signal", "signal": signum})

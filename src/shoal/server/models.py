@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from shoal.engine.models import SandboxRecord
-
 
 
 def _clean_text(value: str) -> str:
@@ -54,7 +53,7 @@ class Sandbox(BaseModel):
     @classmethod
     def of(cls, rec: SandboxRecord) -> Sandbox:
         def ts(value: float | None) -> datetime | None:
-            return datetime.fromtimestamp(value, timezone.utc) if value is not None else None
+            return datetime.fromtimestamp(value, UTC) if value is not None else None
         return cls(id=rec.id, template=rec.template, state=rec.state.value, cpu=rec.cpu, memory_mb=rec.memory_mb,
                    disk_mb=rec.disk_mb, created_at=ts(rec.created_at), expires_at=ts(rec.expires_at),
                    metadata=rec.metadata)

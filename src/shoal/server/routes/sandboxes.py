@@ -30,7 +30,7 @@ async def create_sandbox(body: SandboxCreate, request: Request, key: ApiKey = De
 
 @router.get("", response_model=list[Sandbox])
 async def list_sandboxes(key: ApiKey = Depends(api_key), eng: Engine = Depends(engine),
-                         state: list[str] = Query(default=[], description="Filter by state (repeat or comma-separate)."),
+                         state: list[str] = Query(default=[], description="Filter by state (repeat or comma-list)."),
                          metadata: list[str] = Query(default=[], description="key=value, all must match.")
                          ) -> list[Sandbox]:
     states: set[SandboxState] = set()
