@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 for template in minimal base code-interpreter-v1; do
   /opt/shoal/venv/bin/shoal template build "$template"
 done
+/opt/shoal/venv/bin/ruff check src tests
 exec /opt/shoal/venv/bin/python -m pytest "$@"
