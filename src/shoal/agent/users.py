@@ -6,6 +6,8 @@ The agent's libc is the runtime's, not the image's, so NSS modules of the image 
 
 from __future__ import annotations
 
+import os
+
 
 class User:
     __slots__ = ("name", "uid", "gid", "home", "shell", "groups")
@@ -25,8 +27,35 @@ def _rows(path: str) -> list[list[str]]:
         return []
 
 
+_cache: dict[tuple, User] = {}
+
+
+def _stamp() -> tuple:
+    out = []
+    for path in ("/etc/passwd", "/etc/group"):
+        try:
+            st = os.stat(path)
+            out.append((st.st_mtime_ns, st.st_ino, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def lookup(user: str | int | None) -> User:
-    """Find ``user`` (a name or a uid) in the sandbox; raise LookupError if it does not exist."""
+    """Find ``user`` (a name or a uid) in the sandbox; raise LookupError if it does not exist.
+
+    Every exec asks, so answers are cached until /etc/passwd or /etc/group change."""
+    key = (user, _stamp())
+    found = _cache.get(key)
+    if found is None:
+        found = _lookup(user)
+        if len(_cache) > 256:
+            _cache.clear()
+        _cache[key] = found
+    return found
+
+
+def _lookup(user: str | int | None) -> User:
     if user is None or user == "" or user == "root" or user == 0:
         for row in _rows("/etc/passwd"):
             if len(row) >= 7 and row[2] == "0":
