@@ -32,11 +32,11 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
-from shoal.engine import Engine, SandboxState
+from shoal.engine import Engine
 from shoal.errors import CapacityExceeded, InvalidRequest, NotFound, ShoalError
 from shoal.runtime.agent_aio import AsyncAgentClient
 from shoal.server.e2b import connect as c
-from shoal.server.e2b.security import Tokens
+from shoal.server.e2b.security import Tokens, unavailable
 
 log = logging.getLogger("shoal.e2b")
 DEFAULT_USER = "user"
@@ -321,7 +321,7 @@ class EnvdApp:
             else:
                 await _send_json(send, 401, {"code": 401, "message": "invalid or missing X-Access-Token"})
             return
-        problem = self._unavailable(sid)
+        problem = unavailable(self.engine, sid)
         if problem is not None:
             await _send_json(send, 502, {"code": 502, "message": problem})
             return
@@ -346,17 +346,6 @@ class EnvdApp:
             return self.tokens.check_signature(sid, query.get("path", ""), op, query.get("username"),
                                                query.get("signature"), query.get("signature_expiration"))
         return False
-
-    def _unavailable(self, sid: str) -> str | None:
-        try:
-            rec = self.engine.get(sid)
-        except NotFound:
-            return f"The sandbox {sid} was not found"
-        if rec.state is SandboxState.PAUSED:
-            return f"The sandbox {sid} was not found: it is paused (connect to resume it)"
-        if rec.state is not SandboxState.RUNNING:
-            return f"The sandbox {sid} was not found: it is {rec.state.value}"
-        return None
 
     # --- users -----------------------------------------------------------------------------------------
     async def _homes(self, sid: str, agent: AsyncAgentClient, refresh: bool = False) -> dict[str, str]:

@@ -37,11 +37,11 @@ import logging
 import threading
 from pathlib import Path
 
-from shoal.engine import Engine, SandboxState
+from shoal.engine import Engine
 from shoal.errors import NotFound, RuntimeFailure, ShoalError
 from shoal.runtime.agent_aio import AsyncAgentClient
 from shoal.runtime.agent_client import AgentClient, ProcessStream
-from shoal.server.e2b.security import Tokens, header
+from shoal.server.e2b.security import Tokens, header, unavailable
 
 log = logging.getLogger("shoal.e2b.interpreter")
 
@@ -223,7 +223,7 @@ class InterpreterApp:
             await _send_json(send, 401, {"code": 401, "message": "invalid or missing X-Access-Token "
                                                                  "or E2B-Traffic-Access-Token"})
             return
-        problem = self._unavailable(sid)
+        problem = unavailable(self.engine, sid)
         if problem is not None:
             await _send_json(send, 502, {"code": 502, "message": problem})
             return
@@ -244,17 +244,6 @@ class InterpreterApp:
             await self._relay(scope, body, reader, writer, receive, send)
         finally:
             writer.close()
-
-    def _unavailable(self, sid: str) -> str | None:
-        try:
-            rec = self.engine.get(sid)
-        except NotFound:
-            return f"The sandbox {sid} was not found"
-        if rec.state is SandboxState.PAUSED:
-            return f"The sandbox {sid} was not found: it is paused (connect to resume it)"
-        if rec.state is not SandboxState.RUNNING:
-            return f"The sandbox {sid} was not found: it is {rec.state.value}"
-        return None
 
     async def _open(self, sid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         agent = AsyncAgentClient(str(self.engine.runtime.agent_socket(sid)), sid)

@@ -28,7 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-from shoal.engine.models import valid_sandbox_id
+from shoal.engine.models import SandboxState, valid_sandbox_id
+from shoal.errors import NotFound
 
 SECRET_FILE = "e2b.secret"
 OPTIONS_DIR = "e2b"
@@ -156,4 +157,18 @@ def header(scope: dict, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
             return value.decode("latin-1")
+    return None
+
+
+def unavailable(engine, sid: str) -> str | None:  # noqa: ANN001
+    """Why sandbox traffic for ``sid`` cannot be served, in the words E2B's SDKs look for
+    ("was not found" means not running to them), or None when it is running."""
+    try:
+        rec = engine.get(sid)
+    except NotFound:
+        return f"The sandbox {sid} was not found"
+    if rec.state is SandboxState.PAUSED:
+        return f"The sandbox {sid} was not found: it is paused (connect to resume it)"
+    if rec.state is not SandboxState.RUNNING:
+        return f"The sandbox {sid} was not found: it is {rec.state.value}"
     return None
