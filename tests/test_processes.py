@@ -18,6 +18,16 @@ def sh(agent: AgentClient, script: str, **kwargs: object):
     return agent.run(["sh", "-c", script], **kwargs)  # type: ignore[arg-type]
 
 
+def ps_once_gone(agent: AgentClient, pattern: str, wait: float = 3.0) -> str:
+    """``ps`` output of the sandbox once no line matches ``pattern`` (or after ``wait`` seconds)."""
+    deadline = time.monotonic() + wait
+    while True:
+        ps = agent.run(["ps", "-o", "pid,args"]).stdout
+        if pattern not in ps or time.monotonic() > deadline:
+            return ps
+        time.sleep(0.05)
+
+
 def run_guarded(fn, timeout: float = 30.0):
     """Call ``fn()`` in a thread and fail (instead of hanging the suite) if it takes too long."""
     box: dict = {}
@@ -245,12 +255,7 @@ def test_timeout_kills_the_whole_tree(agent: AgentClient):
     assert r.timed_out and r.signal == 9 and r.exit_code == 137
     assert r.stdout == "started\n"
     assert elapsed < 5, f"timeout of 1 s took {elapsed:.1f} s"
-    deadline = time.monotonic() + 3
-    while True:
-        ps = agent.run(["ps", "-o", "pid,args"]).stdout
-        if "sleep 10" not in ps or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    ps = ps_once_gone(agent, "sleep 10")
     assert "sleep 10" not in ps, f"children survived the timeout:\n{ps}"
 
 
@@ -395,12 +400,7 @@ def test_timeout_kills_descendants_that_left_the_process_group(agent: AgentClien
     """A descendant that starts its own session (``setsid``, any daemon) is still part of the tree."""
     r = run_guarded(lambda: sh(agent, "setsid sleep 104 >/dev/null 2>&1 & sleep 105 & wait", timeout=1), 20)
     assert r.timed_out
-    deadline = time.monotonic() + 3
-    while True:
-        ps = agent.run(["ps", "-o", "pid,args"]).stdout
-        if "sleep 10" not in ps or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    ps = ps_once_gone(agent, "sleep 10")
     for line in ps.splitlines():  # keep the shared sandbox clean for later tests
         if "sleep 10" in line:
             agent.run(["kill", "-9", line.split()[0]])

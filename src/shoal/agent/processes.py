@@ -22,7 +22,6 @@ from shoal.agent.spawn import SpawnError, spawn
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: After the process exits, how long to keep reading output that its orphans may still write.
 DRAIN_AFTER_EXIT = 0.1
-SEND_TIMEOUT = 30.0
 MAX_PENDING_INPUT = 4 * p.CHUNK
 LINGER = 5.0
 
@@ -201,14 +200,23 @@ def _exit_fields(proc: Process) -> dict:
     return {"exit_code": os.WEXITSTATUS(status), "signal": None, "exited": True, "timed_out": proc.timed_out}
 
 
+def _text(value: object, what: str) -> str:
+    """Text a process can receive: a str without NUL bytes that encodes as UTF-8 (a lone
+    surrogate raises UnicodeEncodeError, itself a ValueError, like every refusal here)."""
+    if not isinstance(value, str) or "\0" in value:
+        raise ValueError(f"{what} must be text without NUL bytes")
+    value.encode("utf-8")
+    return value
+
+
 def _prepare(req: dict) -> tuple[list[str], dict[str, str], str, users.User]:
     argv = req.get("cmd")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
         raise ValueError("cmd must be a non-empty list of strings")
-    for text in (*argv, req.get("cwd") or "", *(req.get("env") or {}).keys(), *(req.get("env") or {}).values()):
-        if not isinstance(text, str) or "\0" in text:
-            raise ValueError("cmd, cwd and env must be text without NUL bytes")
-        text.encode("utf-8")  # UnicodeEncodeError is a ValueError: lone surrogates are refused
+    for arg in argv:
+        _text(arg, "cmd")
+    if req.get("cwd"):
+        _text(req["cwd"], "cwd")
     user = users.lookup(req.get("user"))
     env = dict(base_env)
     env.update({"HOME": user.home, "USER": user.name, "LOGNAME": user.name})
@@ -218,9 +226,9 @@ def _prepare(req: dict) -> tuple[list[str], dict[str, str], str, users.User]:
     if not isinstance(extra, dict):
         raise ValueError("env must be an object")
     for k, v in extra.items():
-        if not isinstance(k, str) or not k or "=" in k or "\0" in k or not isinstance(v, str) or "\0" in v:
+        if not isinstance(k, str) or not k or "=" in k:
             raise ValueError(f"invalid environment variable {k!r}")
-        env[k] = v
+        env[_text(k, "env")] = _text(v, "env")
     cwd = req.get("cwd") or user.home
     if not os.path.isdir(cwd):
         cwd = cwd if req.get("cwd") else "/"

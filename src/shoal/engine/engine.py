@@ -35,7 +35,9 @@ LIMITS = {"cpu": (0.05, 64.0), "memory_mb": (16, 256 * 1024), "disk_mb": (16, 10
 
 def _check_text(label: str, text: object) -> None:
     """Strings that reach a process or the store must be valid UTF-8 without NUL bytes."""
-    if not isinstance(text, str) or "\0" in text:
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{label} must map strings to strings")
+    if "\0" in text:
         raise InvalidRequest(f"{label} must be text without NUL bytes")
     try:
         text.encode("utf-8")
@@ -103,16 +105,14 @@ class Engine:
             lo, hi = LIMITS[name]
             if not isinstance(value, (int, float)) or not lo <= value <= hi:
                 raise InvalidRequest(f"{name} must be between {lo} and {hi}, not {value!r}")
-        for k, v in (env or {}).items():
-            if not isinstance(k, str) or not k or "=" in k or "\0" in k or not isinstance(v, str) or "\0" in v:
-                raise InvalidRequest(f"invalid environment variable {k!r}")
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
             raise InvalidRequest(f"timeout must be between 1 and {int(MAX_TIMEOUT)} seconds, not {timeout!r}")
-        if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise InvalidRequest("metadata must map strings to strings")
         for label, table in (("env", env or {}), ("metadata", metadata or {})):
-            for text in (*table.keys(), *table.values()):
-                _check_text(label, text)
+            for k, v in table.items():
+                _check_text(label, k)
+                _check_text(label, v)
+                if label == "env" and (not k or "=" in k):
+                    raise InvalidRequest(f"invalid environment variable {k!r}")
         info = self.templates.get(template)  # NotFound for unknown names
         if not info.built:
             if not build:
