@@ -14,14 +14,55 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from shoal.errors import NotFound
-from shoal.runtime.agent_client import AgentClient
-from shoal.settings import Settings
+# --- this run's own Shoal instance -----------------------------------------------------------------
+# The suite never touches a user's daemon, sandboxes, keys or templates: before anything reads the
+# settings, it moves into its own state and run directories (hence its own instance name, which every
+# host resource carries), seeded with hard links to the template images the default state directory
+# already has (test.sh builds them there, as a user's first `shoal run` would). The CLI and SDK must not
+# find a user's daemon either: the tests always pass their own daemon's URL and key.
+TEST_ROOT = Path(os.environ.get("SHOAL_TEST_ROOT") or tempfile.mkdtemp(prefix="shoal-test-", dir="/var/tmp"))
+_OWN_ROOT = "SHOAL_TEST_ROOT" not in os.environ
+USER_STATE_DIR = Path(os.environ.get("SHOAL_STATE_DIR") or "/var/lib/shoal")
+for _name in ("SHOAL_INSTANCE", "SHOAL_URL", "SHOAL_API_KEY"):
+    os.environ.pop(_name, None)
+os.environ["SHOAL_STATE_DIR"] = str(TEST_ROOT / "state")
+os.environ["SHOAL_RUN_DIR"] = str(TEST_ROOT / "run")
+
+
+def _seed_templates(source: Path, target: Path) -> None:
+    """Hard-link built template images (immutable: a rebuild renames a new file in) into ``target``."""
+    if not source.is_dir():
+        return
+    for tdir in source.iterdir():
+        image, meta = tdir / "image.erofs", tdir / "meta.json"
+        dest = target / tdir.name
+        if not (image.is_file() and meta.is_file()) or (dest / "meta.json").exists():
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(image, dest / "image.erofs")
+        except OSError:
+            shutil.copy2(image, dest / "image.erofs")
+        shutil.copy2(meta, dest / "meta.json")
+
+
+for _d in (TEST_ROOT, TEST_ROOT / "state", TEST_ROOT / "run"):
+    _d.mkdir(exist_ok=True)
+    os.chmod(_d, 0o711)  # crun, as the sandbox's root, must traverse them (like /var/lib and /run)
+_seed_templates(USER_STATE_DIR / "templates", TEST_ROOT / "state" / "templates")
+
+from shoal.errors import NotFound  # noqa: E402  (after the environment above is set)
+from shoal.runtime.agent_client import AgentClient  # noqa: E402
+from shoal.settings import Settings  # noqa: E402
+
+PREFIX = Settings().resource_prefix  # this run's instance: shoal-<instance>-<sandbox>
 
 if os.geteuid() != 0:  # pragma: no cover - every test here needs namespaces, mounts and cgroups
     pytest.skip("sandbox tests need root", allow_module_level=True)
@@ -126,13 +167,13 @@ def host_leftovers(engine: Engine, sandbox_id: str, pids: list[int] = ()) -> lis
             point = line.split()[4]
             if point == str(bundle) or point.startswith(str(bundle) + "/"):
                 found.append(f"mount {point}")
-    for d in CGROUP_ROOT.glob(f"*/shoal-{sandbox_id}"):
+    for d in CGROUP_ROOT.glob(f"*/{PREFIX}{sandbox_id}"):
         found.append(f"cgroup {d}")
-    if (CGROUP_ROOT / f"shoal-{sandbox_id}").exists():
-        found.append(f"cgroup {CGROUP_ROOT / f'shoal-{sandbox_id}'}")
+    if (CGROUP_ROOT / f"{PREFIX}{sandbox_id}").exists():
+        found.append(f"cgroup {CGROUP_ROOT / f'{PREFIX}{sandbox_id}'}")
     if bundle.exists():
         found.append(f"bundle {bundle}")
-    crun_state = engine.settings.crun_root / f"shoal-{sandbox_id}"
+    crun_state = engine.settings.crun_root / f"{PREFIX}{sandbox_id}"
     if crun_state.exists():
         found.append(f"crun state {crun_state}")
     for pid in pids:
@@ -234,3 +275,21 @@ def daemon() -> Iterator[RunningDaemon]:
         yield d
     finally:
         stop_daemon(d)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Leave nothing of this run's instance on the host: its sandboxes, mounts and directories."""
+    from shoal.runtime.linux import mounts
+
+    try:
+        engine = Engine()
+        for rec in engine.store.all():
+            _destroy_quietly(engine, rec.id)
+        engine.reconcile()
+        for sid in engine.runtime.existing():
+            engine.runtime.destroy(sid)
+    except Exception as exc:  # noqa: BLE001 - report, then still unmount what we can
+        print(f"\nshoal test cleanup: {exc}")
+    mounts.umount_tree(TEST_ROOT)
+    if _OWN_ROOT:
+        shutil.rmtree(TEST_ROOT, ignore_errors=True)

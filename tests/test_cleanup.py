@@ -19,6 +19,9 @@ import pytest
 from shoal.engine.models import SandboxRecord, SandboxState
 from shoal.errors import InvalidRequest, NotFound, RuntimeFailure, ShoalError
 from shoal.runtime.linux import cgroups, mounts
+from shoal.settings import Settings
+
+PREFIX = Settings().resource_prefix  # this run's instance: shoal-<instance>-<sandbox>
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -29,7 +32,7 @@ def fake_id() -> str:
 
 
 def host_pids(engine, sandbox_id: str) -> list[int]:
-    pids = set(cgroups.pids(sandbox_id))
+    pids = set(cgroups.pids(engine.runtime.container(sandbox_id)))
     init = engine.runtime.init_pid(sandbox_id)
     if init:
         pids.add(init)
@@ -233,14 +236,14 @@ def test_reconcile_frees_resources_without_a_record(engine, leftovers):
         (bundle / "upper").mkdir(parents=True)
         mounts.mount("tmpfs", bundle / "upper", "tmpfs", 0, "size=1m")
         (bundle / "upper" / "file").write_text("left behind")
-        (engine.settings.crun_root / f"shoal-{crun_only}").mkdir(parents=True)
+        (engine.settings.crun_root / f"{PREFIX}{crun_only}").mkdir(parents=True)
         for controller in ("pids", "memory"):
-            d = Path("/sys/fs/cgroup") / controller / f"shoal-{cgroup_only}"
+            d = Path("/sys/fs/cgroup") / controller / f"{PREFIX}{cgroup_only}"
             if d.parent.is_dir():
                 d.mkdir()
                 made_cgroups.append(d)
         if not made_cgroups and cgroups.mode() == "v2":
-            d = Path("/sys/fs/cgroup") / f"shoal-{cgroup_only}"
+            d = Path("/sys/fs/cgroup") / f"{PREFIX}{cgroup_only}"
             d.mkdir()
             made_cgroups.append(d)
         assert made_cgroups

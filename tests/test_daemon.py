@@ -32,6 +32,8 @@ from websockets.sync.client import connect as ws_connect
 
 from shoal.settings import Settings
 
+PREFIX = Settings().resource_prefix  # this run's instance: shoal-<instance>-<sandbox>
+
 SHOAL = "/opt/shoal/venv/bin/shoal"
 RUN_DIR = Settings().run_dir
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -86,9 +88,9 @@ def host_traces(sandbox_id: str) -> list[str]:
     bundle = RUN_DIR / "sandboxes" / sandbox_id
     if bundle.exists():
         found.append(f"bundle {bundle}")
-    if (RUN_DIR / "crun" / f"shoal-{sandbox_id}").exists():
+    if (RUN_DIR / "crun" / f"{PREFIX}{sandbox_id}").exists():
         found.append("crun state")
-    for d in list(CGROUP_ROOT.glob(f"*/shoal-{sandbox_id}")) + [CGROUP_ROOT / f"shoal-{sandbox_id}"]:
+    for d in list(CGROUP_ROOT.glob(f"*/{PREFIX}{sandbox_id}")) + [CGROUP_ROOT / f"{PREFIX}{sandbox_id}"]:
         if d.exists():
             found.append(f"cgroup {d}")
     with open("/proc/self/mountinfo") as f:

@@ -27,6 +27,8 @@ import pytest
 
 from shoal.settings import Settings
 
+PREFIX = Settings().resource_prefix  # this run's instance: shoal-<instance>-<sandbox>
+
 SHOAL = "/opt/shoal/venv/bin/shoal"
 LOCAL_KEY = Settings().state_dir / "local.key"
 RUN_DIR = Settings().run_dir
@@ -149,8 +151,8 @@ def _host_ids() -> set[str]:
     for entry in (RUN_DIR / "sandboxes").iterdir():
         ids.add(entry.name)
     for entry in (RUN_DIR / "crun").iterdir():
-        if entry.name.startswith("shoal-"):
-            ids.add(entry.name[len("shoal-"):])
+        if entry.name.startswith(PREFIX):
+            ids.add(entry.name[len(PREFIX):])
     for hierarchy in CGROUP_ROOT.iterdir():
         if hierarchy.is_dir():
             ids.update(g.name[len("shoal-"):] for g in hierarchy.glob("shoal-*") if g.is_dir())
@@ -158,8 +160,8 @@ def _host_ids() -> set[str]:
 
 
 def _host_traces(sid: str) -> list[str]:
-    found = [str(p) for p in (RUN_DIR / "sandboxes" / sid, RUN_DIR / "crun" / f"shoal-{sid}") if p.exists()]
-    found += [str(g) for g in CGROUP_ROOT.glob(f"*/shoal-{sid}")]
+    found = [str(p) for p in (RUN_DIR / "sandboxes" / sid, RUN_DIR / "crun" / f"{PREFIX}{sid}") if p.exists()]
+    found += [str(g) for g in CGROUP_ROOT.glob(f"*/{PREFIX}{sid}")]
     with open("/proc/self/mountinfo") as f:
         found += [line.split()[4] for line in f if f"/sandboxes/{sid}" in line.split()[4]]
     return found

@@ -15,6 +15,9 @@ import pytest
 
 from shoal.errors import NotFound, ShoalError
 from shoal.runtime.agent_client import AgentClient
+from shoal.settings import Settings
+
+PREFIX = Settings().resource_prefix  # this run's instance: shoal-<instance>-<sandbox>
 
 CGROUP = Path("/sys/fs/cgroup")
 
@@ -25,8 +28,8 @@ def sh(agent: AgentClient, script: str, **kwargs: object):
 
 def cgroup_file(controller: str, sandbox_id: str, name: str) -> Path:
     """A sandbox's cgroup file on the host, v1 (``<controller>/shoal-<id>``) or v2 (``shoal-<id>``)."""
-    v1 = CGROUP / controller / f"shoal-{sandbox_id}" / name
-    return v1 if v1.parent.is_dir() else CGROUP / f"shoal-{sandbox_id}" / name
+    v1 = CGROUP / controller / f"{PREFIX}{sandbox_id}" / name
+    return v1 if v1.parent.is_dir() else CGROUP / f"{PREFIX}{sandbox_id}" / name
 
 
 def py_syscall(agent: AgentClient, nr: int, *args: int) -> str:

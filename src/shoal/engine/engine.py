@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from shoal.engine.admission import HostCapacity
 from shoal.engine.keys import ApiKey, KeyStore
 from shoal.engine.models import TRANSITIONS, SandboxRecord, SandboxState, new_sandbox_id, valid_sandbox_id
 from shoal.engine.store import Store
@@ -73,6 +74,7 @@ class Engine:
         self.keys = KeyStore(self.settings.db_path)
         self._listeners: list[Listener] = []
         self._admission = threading.Lock()
+        self.capacity = HostCapacity.of_this_host()
 
     # --- events ----------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -120,6 +122,7 @@ class Engine:
             self.templates.build(template, progress=progress)
         lower = self.templates.mount(template)
         with self._admission:  # quota check and record insert as one step, or parallel creates overrun it
+            self.capacity.admit(self.store.all(), float(cpu), int(memory_mb))
             if api_key is not None:
                 self._check_quota(api_key, int(memory_mb))
             rec = self._new_record(template, cpu, memory_mb, disk_mb, env, metadata, owner_pid, timeout, api_key)

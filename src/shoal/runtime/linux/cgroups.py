@@ -1,9 +1,10 @@
 """cgroups behind one interface for hybrid/v1 hosts (this machine) and pure v2 hosts (most others).
 
 crun creates and configures each sandbox's group from the OCI config (``cgroupsPath`` =
-``/shoal-<id>``); this module prepares the host, reads usage, freezes, and removes what a crashed
-run left behind. On this kind of host crun refuses "hybrid" mode while any controller sits in the
-empty v2 tree; mounting the v1 ``hugetlb`` hierarchy moves the last one (hugetlb) out of it.
+``/shoal-<instance>-<id>``, the name the runtime passes to every function here); this module prepares
+the host, reads usage, freezes, and removes what a crashed run left behind. On this kind of host
+crun refuses "hybrid" mode while any controller sits in the empty v2 tree; mounting the v1 ``hugetlb``
+hierarchy moves the last one (hugetlb) out of it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 from shoal.runtime.linux import mounts
 
 ROOT = Path("/sys/fs/cgroup")
-PREFIX = "shoal-"
 V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "freezer", "devices", "blkio", "hugetlb",
                   "net_cls", "net_prio", "perf_event", "systemd", "unified")
 
@@ -42,24 +42,19 @@ def prepare_host() -> None:
             mounts.mount("cgroup", point, "cgroup", 0, controller)
 
 
-def group_name(sandbox_id: str) -> str:
-    return PREFIX + sandbox_id
+def cgroups_path(name: str) -> str:
+    """The OCI ``linux.cgroupsPath`` of the group ``name``."""
+    return "/" + name
 
 
-def cgroups_path(sandbox_id: str) -> str:
-    """The OCI ``linux.cgroupsPath`` of a sandbox."""
-    return "/" + group_name(sandbox_id)
-
-
-def _dirs(sandbox_id: str) -> list[Path]:
-    name = group_name(sandbox_id)
+def _dirs(name: str) -> list[Path]:
     if mode() == "v2":
         return [ROOT / name]
     return [ROOT / c / name for c in V1_CONTROLLERS if (ROOT / c / name).is_dir()]
 
 
-def _controller_dir(controller: str, sandbox_id: str) -> Path:
-    return ROOT / group_name(sandbox_id) if mode() == "v2" else ROOT / controller / group_name(sandbox_id)
+def _controller_dir(controller: str, name: str) -> Path:
+    return ROOT / name if mode() == "v2" else ROOT / controller / name
 
 
 def _read_int(path: Path) -> int | None:
@@ -69,10 +64,10 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def usage(sandbox_id: str) -> dict[str, int | None]:
+def usage(name: str) -> dict[str, int | None]:
     """Memory in bytes, CPU time in microseconds, and the number of tasks of a sandbox."""
     if mode() == "v2":
-        d = _controller_dir("", sandbox_id)
+        d = _controller_dir("", name)
         cpu = None
         try:
             for line in (d / "cpu.stat").read_text().splitlines():
@@ -82,28 +77,28 @@ def usage(sandbox_id: str) -> dict[str, int | None]:
             pass
         return {"memory_bytes": _read_int(d / "memory.current"), "cpu_usec": cpu,
                 "pids": _read_int(d / "pids.current")}
-    ns = _read_int(_controller_dir("cpuacct", sandbox_id) / "cpuacct.usage")
-    return {"memory_bytes": _read_int(_controller_dir("memory", sandbox_id) / "memory.usage_in_bytes"),
+    ns = _read_int(_controller_dir("cpuacct", name) / "cpuacct.usage")
+    return {"memory_bytes": _read_int(_controller_dir("memory", name) / "memory.usage_in_bytes"),
             "cpu_usec": ns // 1000 if ns is not None else None,
-            "pids": _read_int(_controller_dir("pids", sandbox_id) / "pids.current")}
+            "pids": _read_int(_controller_dir("pids", name) / "pids.current")}
 
 
-def pids(sandbox_id: str) -> list[int]:
+def pids(name: str) -> list[int]:
     """Every host pid still in the sandbox's group (empty once it is gone)."""
-    path = _controller_dir("pids", sandbox_id) / "cgroup.procs"
+    path = _controller_dir("pids", name) / "cgroup.procs"
     try:
         return [int(x) for x in path.read_text().split()]
     except (OSError, ValueError):
         return []
 
 
-def thaw(sandbox_id: str) -> None:
+def thaw(name: str) -> None:
     """Unfreeze the group if frozen: a frozen task cannot act on SIGKILL, so teardown thaws first."""
     if mode() == "v2":
-        path = _controller_dir("", sandbox_id) / "cgroup.freeze"
+        path = _controller_dir("", name) / "cgroup.freeze"
         value = "0"
     else:
-        path = _controller_dir("freezer", sandbox_id) / "freezer.state"
+        path = _controller_dir("freezer", name) / "freezer.state"
         value = "THAWED"
     try:
         if path.read_text().strip() not in ("0", "THAWED"):
@@ -112,25 +107,25 @@ def thaw(sandbox_id: str) -> None:
         pass
 
 
-def kill_all(sandbox_id: str) -> None:
+def kill_all(name: str) -> None:
     """SIGKILL everything in the group; the last resort when crun's state is gone."""
-    d = _controller_dir("", sandbox_id) if mode() == "v2" else None
+    d = _controller_dir("", name) if mode() == "v2" else None
     if d is not None and (d / "cgroup.kill").exists():
         try:
             (d / "cgroup.kill").write_text("1")
             return
         except OSError:
             pass
-    for pid in pids(sandbox_id):
+    for pid in pids(name):
         try:
             os.kill(pid, 9)
         except ProcessLookupError:
             pass
 
 
-def remove(sandbox_id: str) -> None:
+def remove(name: str) -> None:
     """Remove the sandbox's groups in every hierarchy (idempotent)."""
-    for d in _dirs(sandbox_id):
+    for d in _dirs(name):
         for sub in sorted(d.glob("**/"), key=lambda p: len(p.parts), reverse=True):
             for attempt in range(50):  # EBUSY while the kernel is still letting the last task go
                 try:
@@ -144,15 +139,17 @@ def remove(sandbox_id: str) -> None:
                     time.sleep(0.01)
 
 
-def existing() -> set[str]:
-    """Sandbox ids that have a group on this host, in any hierarchy."""
+def existing(prefix: str) -> set[str]:
+    """What follows ``prefix`` in the names of the groups on this host that start with it, in any hierarchy.
+
+    Only one instance's prefix: another instance's groups are not ours to judge."""
     roots = [ROOT] if mode() == "v2" else [ROOT / c for c in V1_CONTROLLERS]
     found: set[str] = set()
     for root in roots:
         try:
             for entry in os.scandir(root):
-                if entry.name.startswith(PREFIX) and entry.is_dir():
-                    found.add(entry.name[len(PREFIX):])
+                if entry.name.startswith(prefix) and entry.is_dir():
+                    found.add(entry.name[len(prefix):])
         except OSError:
             continue
     return found

@@ -30,7 +30,8 @@ READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysr
 CPU_PERIOD_US = 100_000
 
 
-def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int) -> dict:
+def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int, cgroup: str) -> dict:
+    """The bundle's ``config.json``; ``cgroup`` names the sandbox's group (``shoal-<instance>-<id>``)."""
     env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            f"SHOAL_SANDBOX_ID={spec.sandbox_id}", "HOME=/root"]
     if spec.env:
@@ -75,7 +76,7 @@ def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int) -
             "uidMappings": [{"containerID": 0, "hostID": uid_base, "size": uid_count}],
             "gidMappings": [{"containerID": 0, "hostID": uid_base, "size": uid_count}],
             "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "user", "cgroup")],
-            "cgroupsPath": cgroups.cgroups_path(spec.sandbox_id),
+            "cgroupsPath": cgroups.cgroups_path(cgroup),
             "resources": {
                 "memory": {"limit": memory, "swap": memory},
                 "cpu": {"quota": max(1000, int(spec.cpu * CPU_PERIOD_US)), "period": CPU_PERIOD_US},

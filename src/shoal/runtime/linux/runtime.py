@@ -6,7 +6,10 @@ nothing behind. Every host resource is named after the sandbox id:
 
 * ``<run>/sandboxes/<id>/``  bundle: ``config.json``, ``upper`` (tmpfs: the writable layer),
   ``rootfs`` (the overlay), ``agent.sock`` (host-only), ``init.pid``, ``agent.log``
-* crun container ``shoal-<id>`` (state under ``<run>/crun``), cgroup ``shoal-<id>``
+* crun container and cgroup ``shoal-<instance>-<id>`` (crun's state under ``<run>/crun``)
+
+The instance (``Settings.instance``) keeps two Shoal instances on one host apart: each names, finds
+and reconciles only its own resources, and a run directory belongs to one instance (``<run>/instance``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from shoal.runtime.base import Capabilities, SandboxSpec
 from shoal.runtime.linux import cgroups, mounts, oci
 from shoal.settings import Settings
 
-CONTAINER_PREFIX = "shoal-"
+INSTANCE_MARK = "instance"
 
 
 class LinuxRuntime:
@@ -39,10 +42,28 @@ class LinuxRuntime:
         if not os.path.exists(self.crun):
             raise RuntimeFailure("crun is not installed (apt install crun)", step="runtime")
         cgroups.prepare_host()
+        self._claim_run_dir()
         for d in (settings.sandboxes_dir, settings.crun_root):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o711)  # traversable by the sandbox uid while crun sets up, not listable
         self._runtime_dir: Path | None = None
+
+    def _claim_run_dir(self) -> None:
+        """Refuse a run directory that another instance uses: its bundles would look like our leaks."""
+        run_dir = self.settings.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mark = run_dir / INSTANCE_MARK
+        try:
+            fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            owner = mark.read_text().strip()
+            if owner != self.settings.instance:
+                raise Conflict(f"run directory {run_dir} belongs to Shoal instance '{owner}', not "
+                               f"'{self.settings.instance}' (state {self.settings.state_dir}): give each "
+                               "instance its own SHOAL_RUN_DIR") from None
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(self.settings.instance + "\n")
 
     # paths ---------------------------------------------------------------------------------
     def bundle(self, sandbox_id: str) -> Path:
@@ -52,7 +73,8 @@ class LinuxRuntime:
         return self.bundle(sandbox_id) / "agent.sock"
 
     def container(self, sandbox_id: str) -> str:
-        return CONTAINER_PREFIX + sandbox_id
+        """The crun container and cgroup name: ``shoal-<instance>-<id>``."""
+        return self.settings.resource_name(sandbox_id)
 
     def runtime_dir(self) -> Path:
         if self._runtime_dir is None:
@@ -75,7 +97,8 @@ class LinuxRuntime:
             mounts.mount("overlay", bundle / "rootfs", "overlay", 0,
                          f"lowerdir={spec.lower_dir},upperdir={bundle}/upper/upper,workdir={bundle}/upper/work")
             step = "config"
-            cfg = oci.config(spec, str(self.runtime_dir()), self.settings.uid_base, self.settings.uid_count)
+            cfg = oci.config(spec, str(self.runtime_dir()), self.settings.uid_base, self.settings.uid_count,
+                             cgroup=self.container(sid))
             (bundle / "config.json").write_text(json.dumps(cfg))
             step = "crun run"
             self._run(sid, bundle)
@@ -148,21 +171,22 @@ class LinuxRuntime:
 
     def is_alive(self, sandbox_id: str) -> bool:
         pid = self.init_pid(sandbox_id)
-        return pid is not None and pid in cgroups.pids(sandbox_id)
+        return pid is not None and pid in cgroups.pids(self.container(sandbox_id))
 
     def destroy(self, sandbox_id: str) -> None:
         """Kill everything of the sandbox and free every host resource; safe to call twice."""
         bundle = self.bundle(sandbox_id)
-        cgroups.thaw(sandbox_id)
-        if (self.settings.crun_root / self.container(sandbox_id)).exists():
-            self._crun("delete", "-f", self.container(sandbox_id))
-        if cgroups.pids(sandbox_id):  # crun's state was lost: kill through the cgroup
-            cgroups.kill_all(sandbox_id)
+        name = self.container(sandbox_id)
+        cgroups.thaw(name)
+        if (self.settings.crun_root / name).exists():
+            self._crun("delete", "-f", name)
+        if cgroups.pids(name):  # crun's state was lost: kill through the cgroup
+            cgroups.kill_all(name)
             deadline = time.monotonic() + 5
-            while cgroups.pids(sandbox_id) and time.monotonic() < deadline:
+            while cgroups.pids(name) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        cgroups.remove(sandbox_id)
-        shutil.rmtree(self.settings.crun_root / self.container(sandbox_id), ignore_errors=True)
+        cgroups.remove(name)
+        shutil.rmtree(self.settings.crun_root / name, ignore_errors=True)
         mounts.umount_tree(bundle)
         shutil.rmtree(bundle, ignore_errors=True)
 
@@ -191,15 +215,19 @@ class LinuxRuntime:
             return os.waitstatus_to_exitcode(status), err.read().decode(errors="replace")
 
     def existing(self) -> set[str]:
-        found = set(cgroups.existing())
-        for d in (self.settings.sandboxes_dir, self.settings.crun_root):
-            try:
-                for entry in os.scandir(d):
-                    name = entry.name
-                    found.add(name[len(CONTAINER_PREFIX):] if name.startswith(CONTAINER_PREFIX) else name)
-            except OSError:
-                pass
+        """Ids of this instance's sandboxes that hold anything on the host (never another instance's)."""
+        prefix = self.settings.resource_prefix
+        found = set(cgroups.existing(prefix))
+        try:
+            found.update(e.name[len(prefix):] for e in os.scandir(self.settings.crun_root)
+                         if e.name.startswith(prefix))
+        except OSError:
+            pass
+        try:  # the run directory is this instance's alone (``_claim_run_dir``)
+            found.update(e.name for e in os.scandir(self.settings.sandboxes_dir))
+        except OSError:
+            pass
         return found
 
     def usage(self, sandbox_id: str) -> dict[str, int | None]:
-        return cgroups.usage(sandbox_id)
+        return cgroups.usage(self.container(sandbox_id))
