@@ -7,12 +7,15 @@ import codecs
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from shoal.client._config import start_hint
+import httpx
+
+from shoal.client._config import CONNECT_TIMEOUT, start_hint
 from shoal.client.models import CommandResult, Output
 from shoal.errors import (
+    AgentUnavailable,
     CapacityExceeded,
     Conflict,
     DaemonUnreachable,
@@ -30,8 +33,13 @@ _BY_STATUS: dict[int, type[ShoalError]] = {400: InvalidRequest, 401: Unauthorize
 _BY_CODE: dict[str, type[ShoalError]] = {"invalid_request": InvalidRequest, "unauthorized": Unauthorized,
                                          "forbidden": Forbidden, "not_found": NotFound, "conflict": Conflict,
                                          "quota_exceeded": QuotaExceeded, "capacity": CapacityExceeded,
-                                         "runtime_failure": RuntimeFailure}
+                                         "runtime_failure": RuntimeFailure, "agent_unavailable": AgentUnavailable}
 CHUNK = 64 * 1024
+#: Streams (exec, files, watch) wait as long as the data takes; only connecting is bounded.
+STREAM_TIMEOUT = httpx.Timeout(None, connect=CONNECT_TIMEOUT)
+#: Options of the process/PTY WebSocket, the same for websockets' sync and asyncio clients.
+WS_OPTIONS: dict[str, Any] = {"compression": None, "max_size": 16 * 2**20, "open_timeout": CONNECT_TIMEOUT + 5,
+                              "close_timeout": 2}
 
 TextCallback = Callable[[str], Any]
 
@@ -54,7 +62,8 @@ def error_from_body(status: int, body: bytes | str) -> ShoalError:
     if not message:
         text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
         message = text.strip()[:500] or f"HTTP {status}"
-    return make_error(_BY_STATUS.get(status) or _BY_CODE.get(code) or RuntimeFailure, message)
+    cls = AgentUnavailable if code == "agent_unavailable" else _BY_STATUS.get(status) or _BY_CODE.get(code)
+    return make_error(cls or RuntimeFailure, message)
 
 
 def error_from_ws(msg: dict) -> ShoalError:
@@ -69,6 +78,17 @@ def unreachable(url: str, exc: BaseException | None = None) -> DaemonUnreachable
 
 def lost(url: str, exc: BaseException) -> RuntimeFailure:
     return make_error(RuntimeFailure, f"lost the connection to the Shoal daemon at {url}: {exc or type(exc).__name__}")
+
+
+def list_params(state: str | Iterable[str] | None, metadata: dict[str, str] | None) -> list[tuple[str, str]]:
+    """Query parameters of ``GET /v1/sandboxes``: ``state`` and ``metadata=k=v`` may repeat."""
+    params: list[tuple[str, str]] = []
+    if state:
+        for s in [state] if isinstance(state, str) else state:
+            params.append(("state", str(s)))
+    for k, v in (metadata or {}).items():
+        params.append(("metadata", f"{k}={v}"))
+    return params
 
 
 def argv(cmd: str | list[str]) -> list[str]:
@@ -165,7 +185,9 @@ class Collector:
 def result_from_json(d: dict) -> CommandResult:
     return CommandResult(exit_code=int(d["exit_code"]), stdout_bytes=str(d.get("stdout") or "").encode(),
                          stderr_bytes=str(d.get("stderr") or "").encode(), signal=d.get("signal"),
-                         timed_out=bool(d.get("timed_out")), pid=int(d.get("pid") or 0))
+                         timed_out=bool(d.get("timed_out")), pid=int(d.get("pid") or 0),
+                         stdout_truncated=bool(d.get("stdout_truncated")),
+                         stderr_truncated=bool(d.get("stderr_truncated")))
 
 
 def ended_early() -> RuntimeFailure:

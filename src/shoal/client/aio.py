@@ -1,25 +1,36 @@
-"""The asyncio SDK: ``AsyncSandbox``, the twin of ``Sandbox`` with the same surface, awaited."""
+"""The asyncio SDK: ``AsyncSandbox``, the same surface as ``Sandbox``, awaited.
+
+This file is the source of both SDKs: ``scripts/gen_sync.py`` writes ``sync.py`` from it by token
+rules (``async def`` → ``def``, ``await`` dropped, ``AsyncX`` → ``X``, ``_async_io`` → ``_sync_io``,
+``asyncio`` → ``threading``...). Edit this file, then run ``python scripts/gen_sync.py``. What truly
+differs between the two (background workers, stdin, uploads, the WebSocket client) lives in
+``_async_io.py`` / ``_sync_io.py``; pure shared code lives in ``_common.py``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpx
 
+from shoal.client import _async_io as _io
 from shoal.client import _common as c
+from shoal.client._common import STREAM_TIMEOUT
 from shoal.client._config import CONNECT_TIMEOUT, ClientConfig, ws_url
 from shoal.client.models import CommandResult, EntryInfo, FilesystemEvent, Output, ProcessInfo, SandboxInfo
-from shoal.client.sync import STREAM_TIMEOUT, _list_params
 from shoal.errors import Conflict, NotFound, RuntimeFailure, ShoalError
 
+StdinData = _io.StdinData
 _UNSET: Any = object()
 
 
 class _AsyncHttp:
+    """One httpx client with Shoal's errors: every failure is a ``shoal.errors`` exception."""
+
     def __init__(self, config: ClientConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.config = config
         self.client = httpx.AsyncClient(base_url=config.url, headers=config.headers, transport=transport,
@@ -54,6 +65,7 @@ class _AsyncHttp:
         return resp.json() if resp.content else None
 
     async def lines(self, resp: httpx.Response) -> AsyncIterator[str]:
+        """The NDJSON lines of a streamed answer; transport failures become ``RuntimeFailure``."""
         try:
             async for line in resp.aiter_lines():
                 if line:
@@ -64,12 +76,9 @@ class _AsyncHttp:
             await resp.aclose()
 
     async def ws(self, path: str) -> Any:
-        from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidHandshake, InvalidStatus
         try:
-            return await connect(ws_url(self.config.url, path), additional_headers=self.config.headers,
-                                 compression=None, max_size=16 * 2**20, open_timeout=CONNECT_TIMEOUT + 5,
-                                 close_timeout=2)
+            return await _io.connect_ws(ws_url(self.config.url, path), self.config.headers)
         except InvalidStatus as exc:
             raise c.error_from_body(exc.response.status_code, exc.response.body or b"") from None
         except (OSError, InvalidHandshake, TimeoutError) as exc:
@@ -79,7 +88,12 @@ class _AsyncHttp:
         await self.client.aclose()
 
 
+# --- process event sources: ``pid``, then ``events()`` yields ``Output`` and finally the ``end`` dict;
+# ``close()`` stops following (the process keeps running) ----------------------------------------------
+
 class _AsyncStreamSource:
+    """NDJSON events of ``POST /exec`` (stream) or ``GET /processes/{pid}/stream``."""
+
     pid = 0
 
     @classmethod
@@ -118,18 +132,20 @@ class _AsyncStreamSource:
 
 
 class _AsyncWsSource:
+    """A process over the ``/process`` or ``/pty`` WebSocket, optionally fed stdin in the background."""
+
     pid = 0
 
     @classmethod
-    async def open(cls, http: _AsyncHttp, path: str, start: str, stdin: Any = None,
+    async def open(cls, http: _AsyncHttp, path: str, start: str, stdin: StdinData = None,
                    pty: bool = False) -> _AsyncWsSource:
         from websockets.exceptions import ConnectionClosed
         self = cls()
         self.pty = pty
         self.ws = await http.ws(path)
-        self.feeder: asyncio.Task | None = None
+        self.feeder: _io.Worker | None = None
         try:
-            with contextlib.suppress(ConnectionClosed):
+            with contextlib.suppress(ConnectionClosed):  # refused at once: the error message is waiting
                 await self.ws.send(start)
             first = self._control(await self.ws.recv())
         except ConnectionClosed as exc:
@@ -140,7 +156,7 @@ class _AsyncWsSource:
             raise
         self.pid = int(first["pid"])
         if stdin is not None and stdin is not True:
-            self.feeder = asyncio.create_task(self._feed(stdin))
+            self.feeder = _io.spawn(self._feed, stdin, name=f"shoal-stdin-{self.pid}")
         return self
 
     def _control(self, message: str | bytes) -> dict:
@@ -151,28 +167,16 @@ class _AsyncWsSource:
             raise c.error_from_ws(msg)
         return msg
 
-    async def _feed(self, data: Any) -> None:
+    async def _feed(self, data: StdinData) -> None:
         from websockets.exceptions import ConnectionClosed
         try:
-            if isinstance(data, (str, bytes, bytearray, memoryview)):
-                for part in c.stdin_chunks(data):
+            async for chunk in _io.stdin_chunks(data):
+                for part in c.stdin_chunks(chunk):
                     await self.ws.send(part)
-            elif hasattr(data, "__aiter__"):
-                async for chunk in data:
-                    for part in c.stdin_chunks(chunk):
-                        await self.ws.send(part)
-            elif hasattr(data, "read"):
-                read = getattr(data, "read1", None) or data.read
-                while chunk := await asyncio.to_thread(read, c.CHUNK):
-                    await self.ws.send(bytes(chunk))
-            else:
-                for chunk in data:
-                    for part in c.stdin_chunks(chunk):
-                        await self.ws.send(part)
             if not self.pty:
                 await self.ws.send(json.dumps({"type": "close_stdin"}))
         except (ConnectionClosed, OSError, ValueError):
-            pass
+            pass  # the process ended (or we stopped following it) first
 
     async def send(self, data: bytes | str) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -206,8 +210,7 @@ class _AsyncWsSource:
         raise c.ended_early()
 
     async def close(self) -> None:
-        if self.feeder is not None and not self.feeder.done():
-            self.feeder.cancel()
+        _io.cancel(self.feeder)
         await self.ws.close()
 
 
@@ -224,7 +227,11 @@ async def _collect(source: Any, collector: c.Collector) -> CommandResult:
     return collector.result()
 
 
+# --- handles ----------------------------------------------------------------------------------------
+
 class _AsyncPump:
+    """Reads a source in the background, so the process never waits for us; keeps every chunk once."""
+
     def __init__(self, source: Any, collector: c.Collector) -> None:
         self.source, self.collector = source, collector
         collector.pid = source.pid
@@ -233,7 +240,7 @@ class _AsyncPump:
         self.error: BaseException | None = None
         self.closed = False
         self.cond = asyncio.Condition()
-        self.task = asyncio.create_task(self._run())
+        self.worker = _io.spawn(self._run, name=f"shoal-process-{source.pid}")
 
     async def _run(self) -> None:
         try:
@@ -245,7 +252,7 @@ class _AsyncPump:
                         self.cond.notify_all()
                 else:
                     self.collector.finish(ev)
-        except asyncio.CancelledError:
+        except _io.Cancelled:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
             if not self.closed:
@@ -271,10 +278,8 @@ class _AsyncPump:
             raise self.error
 
     async def wait(self, timeout: float | None = None) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(self.task), timeout)
-        except TimeoutError:
-            raise TimeoutError(f"process {self.source.pid} is still running") from None
+        if not await _io.join(self.worker, timeout):
+            raise TimeoutError(f"process {self.source.pid} is still running")
         if self.error is not None:
             raise self.error
         if self.collector.end is None:
@@ -283,13 +288,12 @@ class _AsyncPump:
 
     async def close(self) -> None:
         self.closed = True
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
+        await _io.stop(self.worker, self.source)
 
 
 class AsyncCommandHandle:
-    """A running command (async): ``async for out in handle``, ``await handle.wait()``, ``kill()``..."""
+    """A running command: iterate its output (``Output`` chunks), ``wait()`` for its result,
+    ``kill()`` it, feed it stdin, or ``disconnect()`` (the command keeps running)."""
 
     def __init__(self, commands: AsyncCommands, source: Any, on_stdout: c.TextCallback | None = None,
                  on_stderr: c.TextCallback | None = None) -> None:
@@ -301,6 +305,7 @@ class AsyncCommandHandle:
         return self._pump.__aiter__()
 
     async def wait(self, timeout: float | None = None) -> CommandResult:
+        """Wait until the command ends; its result holds all output seen by this handle."""
         await self._pump.wait(timeout)
         return self._pump.collector.result()
 
@@ -319,6 +324,7 @@ class AsyncCommandHandle:
         await self._commands.close_stdin(self.pid)
 
     async def disconnect(self) -> None:
+        """Stop following the command; it keeps running (``commands.connect(pid)`` follows it again)."""
         await self._pump.close()
 
 
@@ -334,6 +340,9 @@ class _PtyCollector(c.Collector):
 
 
 class AsyncPtyHandle:
+    """A process on a terminal: ``send`` input, ``resize``, iterate output (bytes), ``wait()`` for
+    its exit code, ``kill()``."""
+
     def __init__(self, source: _AsyncWsSource, on_data: Callable[[bytes], Any] | None = None) -> None:
         self._source = source
         self.pid = source.pid
@@ -373,6 +382,8 @@ class AsyncPtyHandle:
 
 
 class AsyncWatchHandle:
+    """Filesystem events under a path: iterate ``FilesystemEvent``; ``close()`` stops watching."""
+
     def __init__(self, http: _AsyncHttp, resp: httpx.Response) -> None:
         self._resp = resp
         self._lines = http.lines(resp)
@@ -402,16 +413,28 @@ class AsyncWatchHandle:
         await self.close()
 
 
+# --- sub-APIs -----------------------------------------------------------------------------------------
+
 class AsyncCommands:
+    """Processes in one sandbox."""
+
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._http = sandbox._http
         self._base = f"/v1/sandboxes/{sandbox.id}"
 
     async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-                  user: str | None = None, timeout: float | None = None, stdin: Any = None,
+                  user: str | None = None, timeout: float | None = None, stdin: StdinData = None,
                   on_stdout: c.TextCallback | None = None, on_stderr: c.TextCallback | None = None,
                   background: bool = False, binary: bool = False, tag: str | None = None) -> Any:
-        """See ``Sandbox.commands.run``; ``stdin`` may also be an async iterable of byte chunks."""
+        """Run ``cmd`` (argv list, or a string for ``/bin/sh -c``) and return its ``CommandResult``;
+        with ``background=True`` return its handle (``AsyncCommandHandle``) at once.
+
+        ``timeout`` (seconds) kills the command's process tree (``result.timed_out``). ``stdin`` is
+        text, bytes, a binary file or an iterable of byte chunks (``StdinData``), streamed and then
+        closed (``True``: keep stdin open for ``send_stdin``). Callbacks get text as it arrives. Output
+        is byte-exact (``stdout_bytes``) when streamed: with callbacks, stdin, ``background`` or
+        ``binary=True``; otherwise one plain request returns it as UTF-8 text (invalid bytes become U+FFFD).
+        """
         if stdin is not None:
             source: Any = await _AsyncWsSource.open(self._http, f"{self._base}/process",
                                                     c.ws_start(cmd, env, cwd, user, timeout), stdin)
@@ -429,6 +452,7 @@ class AsyncCommands:
 
     async def connect(self, pid: int, on_stdout: c.TextCallback | None = None,
                       on_stderr: c.TextCallback | None = None) -> AsyncCommandHandle:
+        """Follow a running process' output from now on."""
         source = await _AsyncStreamSource.open(self._http, "GET", f"{self._base}/processes/{int(pid)}/stream")
         return AsyncCommandHandle(self, source, on_stdout, on_stderr)
 
@@ -436,6 +460,7 @@ class AsyncCommands:
         return [ProcessInfo.from_json(p) for p in await self._http.json("GET", f"{self._base}/processes")]
 
     async def kill(self, pid: int, signal: int = 9) -> bool:
+        """Signal the process (and its group); False if there is no such process."""
         try:
             if signal == 9:
                 await self._http.send("DELETE", f"{self._base}/processes/{int(pid)}")
@@ -457,6 +482,8 @@ class AsyncCommands:
 
 
 class AsyncFiles:
+    """Files in one sandbox (relative paths start from /root)."""
+
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._http = sandbox._http
         self._base = f"/v1/sandboxes/{sandbox.id}/files"
@@ -466,6 +493,7 @@ class AsyncFiles:
         return {"path": path, **{k: v for k, v in extra.items() if v is not None}}
 
     async def read(self, path: str, *, user: str | None = None, format: str = "text") -> Any:
+        """The file's contents: ``format`` is ``text`` (str), ``bytes``, or ``stream`` (chunks)."""
         if format == "stream":
             return await self.read_stream(path, user=user)
         data = await self.read_bytes(path, user=user)
@@ -475,7 +503,8 @@ class AsyncFiles:
         return b"".join([chunk async for chunk in await self.read_stream(path, user=user)])
 
     async def read_stream(self, path: str, *, user: str | None = None) -> AsyncIterator[bytes]:
-        """``async for chunk in await sb.files.read_stream(path)``; errors are raised by the await."""
+        """The file's bytes as chunks: ``async for chunk in await sb.files.read_stream(path)``; errors
+        (no such file...) are raised by this call, before the first chunk."""
         resp = await self._http.send("GET", self._base, stream=True, params=self._params(path, user=user))
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -488,19 +517,16 @@ class AsyncFiles:
                 await resp.aclose()
         return chunks()
 
-    async def write(self, path: str, data: str | bytes | Iterable[bytes] | AsyncIterable[bytes], *,
-                    mode: int | None = None, user: str | None = None, append: bool = False) -> EntryInfo:
+    async def write(self, path: str, data: _io.UploadData, *, mode: int | None = None, user: str | None = None,
+                    append: bool = False) -> EntryInfo:
+        """Replace (atomically) or ``append`` to a file, from text, bytes, a binary file or an iterable
+        of chunks (streamed). Parent directories are created."""
         if isinstance(data, str):
             content: Any = data.encode()
         elif isinstance(data, (bytes, bytearray, memoryview)):
             content = bytes(data)
-        elif hasattr(data, "__aiter__"):
-            content = data
         else:
-            async def agen(items: Iterable[bytes]) -> AsyncIterator[bytes]:
-                for chunk in items:
-                    yield chunk.encode() if isinstance(chunk, str) else bytes(chunk)
-            content = agen(c.file_chunks(data) if hasattr(data, "read") else data)  # type: ignore[arg-type]
+            content = _io.upload_body(data)
         params = self._params(path, user=user, mode=mode, append="true" if append else None)
         return EntryInfo.from_json(await self._http.json("PUT", self._base, params=params, content=content,
                                                          headers={"Content-Type": "application/octet-stream"},
@@ -523,6 +549,7 @@ class AsyncFiles:
             return False
 
     async def make_dir(self, path: str) -> bool:
+        """Create a directory and its parents; False if ``path`` exists already."""
         try:
             await self._http.send("POST", f"{self._base}/mkdir", json={"path": path})
             return True
@@ -539,6 +566,7 @@ class AsyncFiles:
         await self._http.send("DELETE", self._base, params={"path": path})
 
     async def watch(self, path: str, recursive: bool = False) -> AsyncWatchHandle:
+        """Watch ``path``: the watch is in place when this returns; iterate the handle for events."""
         resp = await self._http.send("GET", f"{self._base}/watch", stream=True,
                                      params={"path": path, "recursive": "true" if recursive else "false"})
         handle = AsyncWatchHandle(self._http, resp)
@@ -556,6 +584,8 @@ class AsyncFiles:
 
 
 class AsyncPty:
+    """Terminals in one sandbox."""
+
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._http = sandbox._http
         self._path = f"/v1/sandboxes/{sandbox.id}/pty"
@@ -563,13 +593,16 @@ class AsyncPty:
     async def create(self, cmd: str | list[str] | None = None, cols: int = 80, rows: int = 24, *,
                      env: dict[str, str] | None = None, cwd: str | None = None, user: str | None = None,
                      timeout: float | None = None, on_data: Callable[[bytes], Any] | None = None) -> AsyncPtyHandle:
+        """Start ``cmd`` (default: a login shell) on a new terminal of ``cols`` x ``rows``."""
         source = await _AsyncWsSource.open(self._http, self._path,
                                            c.ws_start(cmd, env, cwd, user, timeout, cols, rows), pty=True)
         return AsyncPtyHandle(source, on_data)
 
 
+# --- the sandbox ---------------------------------------------------------------------------------------
+
 class _by_id:  # noqa: N801 - used as a decorator
-    """On an instance, a method; on the class, the same action by id:
+    """On an instance, a method; on the class, the same action by id (E2B's shape):
     ``await AsyncSandbox.kill(sandbox_id, url=..., api_key=...)``."""
 
     def __init__(self, func: Callable[..., Any]) -> None:
@@ -593,7 +626,12 @@ class _by_id:  # noqa: N801 - used as a decorator
 
 
 class AsyncSandbox:
-    """The asyncio twin of ``Sandbox``: ``async with await AsyncSandbox.create() as sb:``."""
+    """One sandbox, through the Shoal daemon. ``async with await AsyncSandbox.create() as sb:`` deletes
+    it at the end.
+
+    ``url`` (default ``SHOAL_URL``, else http://127.0.0.1:4040) and ``api_key`` (default
+    ``SHOAL_API_KEY``, else the local key of a daemon on this machine) say where and who.
+    """
 
     def __init__(self, sandbox_id: str, *, _http: _AsyncHttp, _info: SandboxInfo | None = None) -> None:
         self.id = sandbox_id
@@ -614,10 +652,12 @@ class AsyncSandbox:
                      *, url: str | None = None, api_key: str | None = None,
                      transport: httpx.AsyncBaseTransport | None = None,
                      request_timeout: float | None = None) -> AsyncSandbox:
+        """Create a running sandbox; it is deleted after ``timeout`` seconds (see ``set_timeout``)."""
         http = cls._client(url, api_key, transport, request_timeout)
         body = {"template": template, "cpu": cpu, "memory_mb": memory_mb, "disk_mb": disk_mb, "timeout": timeout,
                 "env": dict(env or {}), "metadata": dict(metadata or {})}
         try:
+            # an unbuilt template is built first: that can take minutes
             info = SandboxInfo.from_json(await http.json("POST", "/v1/sandboxes", json=body, timeout=STREAM_TIMEOUT))
         except BaseException:
             await http.close()
@@ -628,6 +668,7 @@ class AsyncSandbox:
     async def connect(cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None,
                       transport: httpx.AsyncBaseTransport | None = None,
                       request_timeout: float | None = None) -> AsyncSandbox:
+        """An existing sandbox (``NotFound`` if there is none with this id for this key)."""
         http = cls._client(url, api_key, transport, request_timeout)
         try:
             info = SandboxInfo.from_json(await http.json("GET", f"/v1/sandboxes/{sandbox_id}"))
@@ -641,15 +682,16 @@ class AsyncSandbox:
                    url: str | None = None, api_key: str | None = None,
                    transport: httpx.AsyncBaseTransport | None = None,
                    request_timeout: float | None = None) -> list[SandboxInfo]:
+        """This key's sandboxes, optionally in ``state`` (one or several) and carrying all of ``metadata``."""
         http = cls._client(url, api_key, transport, request_timeout)
         try:
             return [SandboxInfo.from_json(d) for d in await http.json("GET", "/v1/sandboxes",
-                                                                      params=_list_params(state, metadata))]
+                                                                      params=c.list_params(state, metadata))]
         finally:
             await http.close()
 
     @property
-    def sandbox_id(self) -> str:
+    def sandbox_id(self) -> str:  # E2B's name for it
         return self.id
 
     @_by_id
@@ -667,6 +709,7 @@ class AsyncSandbox:
 
     @_by_id
     async def set_timeout(self, timeout: int) -> SandboxInfo:
+        """The sandbox is now deleted ``timeout`` seconds from now."""
         self._info = SandboxInfo.from_json(await self._http.json("POST", f"/v1/sandboxes/{self.id}/timeout",
                                                                  json={"timeout": int(timeout)}))
         return self._info
@@ -685,6 +728,7 @@ class AsyncSandbox:
 
     @_by_id
     async def kill(self) -> bool:
+        """Delete the sandbox and everything in it; False if it was gone already."""
         try:
             await self._http.send("DELETE", f"/v1/sandboxes/{self.id}", timeout=STREAM_TIMEOUT)
             return True
@@ -692,6 +736,7 @@ class AsyncSandbox:
             return False
 
     async def close(self) -> None:
+        """Close the HTTP client (the sandbox keeps running)."""
         await self._http.close()
 
     async def __aenter__(self) -> AsyncSandbox:
