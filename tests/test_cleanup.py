@@ -39,14 +39,33 @@ def host_pids(engine, sandbox_id: str) -> list[int]:
     return sorted(pids)
 
 
+def reconcile_for_sure(engine, timeout: float = 30.0) -> set[str]:
+    """One reconcile pass that really ran; the ids it cleaned.
+
+    ``reconcile()`` returns ``[]`` when another process holds its lock, so "reconcile spares X"
+    would hold without anything being checked. A control orphan (a bundle directory no record
+    explains) proves the pass ran: a pass that ran cleans it, one that was skipped does not.
+    """
+    control = fake_id()
+    engine.runtime.bundle(control).mkdir(parents=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            cleaned = set(engine.reconcile())
+            if control in cleaned:
+                return cleaned - {control}
+            assert time.monotonic() < deadline, f"no reconcile pass ran within {timeout} s (the lock stayed taken)"
+            time.sleep(0.05)
+    finally:
+        engine.runtime.destroy(control)
+
+
 def reconcile_until(engine, wanted: set[str], timeout: float = 10.0) -> set[str]:
     """Reconcile until every id in ``wanted`` was cleaned (another process may hold the lock)."""
     cleaned: set[str] = set()
     deadline = time.monotonic() + timeout
     while not wanted <= cleaned and time.monotonic() < deadline:
-        cleaned |= set(engine.reconcile())
-        if not wanted <= cleaned:
-            time.sleep(0.05)
+        cleaned |= reconcile_for_sure(engine)
     return cleaned
 
 
@@ -151,6 +170,7 @@ def test_many_sandboxes_in_parallel(engine, leftovers, minimal_template):
             t.start()
         for t in threads:
             t.join(60)
+        assert not any(t.is_alive() for t in threads), "a create hangs"
         assert not errors, errors
         assert len(set(ids)) == 6
     finally:
@@ -188,7 +208,7 @@ def test_reconcile_after_owner_sigkill(engine, leftovers, sandbox):
         assert rec.owner_pid == child.pid and rec.state is SandboxState.RUNNING
         assert engine.run(sid, ["echo", "owned"]).stdout == "owned\n"
         # while its owner lives, reconcile leaves it (and every healthy sandbox) alone
-        assert sid not in engine.reconcile()
+        assert sid not in reconcile_for_sure(engine)
         assert engine.run(sid, ["true"]).ok
         pids = host_pids(engine, sid)
 
@@ -292,7 +312,7 @@ def test_reconcile_spares_a_create_in_progress(engine):
     engine.store.put(rec)
     try:
         engine.runtime.bundle(sid).mkdir()
-        assert sid not in engine.reconcile()
+        assert sid not in reconcile_for_sure(engine)
         assert engine.get(sid).state is SandboxState.CREATING
         assert engine.runtime.bundle(sid).exists()
     finally:

@@ -325,7 +325,15 @@ def test_shell_on_a_terminal_resizes(env: dict[str, str], sid: str):
         _read_until(master, b"30 100", settle=0.3)
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 45, 140, 0, 0))
         proc.send_signal(signal.SIGWINCH)
-        time.sleep(0.3)
+        # the resize reaches the shell asynchronously: ask until it reports the new size
+        deadline = time.monotonic() + 30
+        while True:
+            os.write(master, b"stty size\n")
+            try:
+                _read_until(master, b"45 140", timeout=1)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "the terminal never saw the resize"
         os.write(master, b"stty size; exit 4\n")
         _read_until(master, b"45 140")
         assert proc.wait(30) == 4
@@ -367,3 +375,110 @@ def test_only_the_default_local_url_is_started_automatically(monkeypatch: pytest
 def test_bad_key_is_one_line(env: dict[str, str]):
     p = shoal(env, "ls", extra_env={"SHOAL_API_KEY": "shoal_" + "0" * 40})
     assert p.returncode == 1 and "API key" in one_line_error(p)
+
+
+# --- exit codes: usage errors, broken pipes, signals -----------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--bogus"], ["exec"], ["run", "--cpu", "lots", "--", "true"], ["no-such-verb"]])
+def test_usage_errors_exit_2_without_a_traceback(env: dict[str, str], args: list[str]):
+    """Fails if a usage error exits 0 or 1, prints to stdout, or dumps a traceback."""
+    p = shoal(env, *args)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert p.stdout == b"" and b"Traceback" not in p.stderr and p.stderr.strip()
+
+
+def test_usage_errors_are_one_line(env: dict[str, str]):
+    one_line_error(shoal(env, "exec"))
+
+
+def test_run_into_a_closed_pipe_exits_and_cleans_up(env: dict[str, str], daemon):  # noqa: ANN001
+    """``shoal run ... | head -1``: fails if the CLI hangs, dumps a traceback or leaves its sandbox."""
+    proc = subprocess.Popen([SHOAL, "run", "--", "sh", "-c", "hostname; while true; do echo more; done"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    try:
+        sandbox_id = proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
+        assert ID_LINE.match(sandbox_id.encode() + b"\n"), sandbox_id
+        proc.stdout.close()  # type: ignore[union-attr]  # the reader goes away, as `head -1` does
+        code = proc.wait(60)
+        err = proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+    assert code != 0 and b"Traceback" not in err, (code, err)
+    assert gone(daemon, sandbox_id)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_run_deletes_its_sandbox_on_sigint_and_sighup(env: dict[str, str], daemon, sig: int):  # noqa: ANN001
+    """Fails if the signal leaves the sandbox running, exits 0, or prints more than one line."""
+    proc = subprocess.Popen([SHOAL, "run", "--", "sh", "-c", "hostname; sleep 60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    try:
+        sandbox_id = proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
+        assert not gone(daemon, sandbox_id)
+        proc.send_signal(sig)
+        code = proc.wait(30)
+        err = proc.stderr.read().decode()  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+    assert code != 0, err
+    assert err.startswith("shoal: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert gone(daemon, sandbox_id)
+
+
+def test_sigkilled_run_is_reaped_by_the_daemon(env: dict[str, str], daemon):  # noqa: ANN001
+    """``kill -9`` leaves the CLI no chance to delete; its sandbox expires (60 s after the last
+    keep-alive) and the daemon's reaper deletes it. Fails if it is still there after 150 s."""
+    proc = subprocess.Popen([SHOAL, "run", "--", "sh", "-c", "hostname; sleep 600"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+    try:
+        sandbox_id = proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
+        assert not gone(daemon, sandbox_id)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    deadline = time.monotonic() + 150
+    while not gone(daemon, sandbox_id):
+        assert time.monotonic() < deadline, f"{sandbox_id} of a SIGKILLed `shoal run` outlived 150 s"
+        time.sleep(1)
+
+
+# --- auto-start and `shoal daemon status/stop` ---------------------------------------------------------
+
+DEFAULT_URL = "http://127.0.0.1:4040"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_cli_starts_the_default_daemon_and_stops_it(env: dict[str, str]):
+    """Only when nothing listens on 4040 (never another's daemon); stops exactly the one it started.
+    Fails if the CLI does not start it, `daemon status` lies, or `daemon stop` leaves it running."""
+    if _listening(4040):
+        pytest.skip("something already listens on 127.0.0.1:4040: not ours to start or stop")
+    from shoal.cli.remote import pid_path
+
+    bare = {k: v for k, v in env.items() if k != "SHOAL_URL"}  # the default URL; this run's state dirs
+    pid = None
+    try:
+        p = shoal(bare, "daemon", "status")
+        assert p.returncode == 1 and DEFAULT_URL in one_line_error(p)
+        p = shoal(bare, "ls")  # nothing answers at the default URL: the CLI starts the daemon
+        assert p.returncode == 0, p.stderr
+        assert b"started the daemon at " + DEFAULT_URL.encode() in p.stderr, p.stderr
+        pid = int(pid_path().read_text())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert b"serve" in f.read()
+        p = shoal(bare, "daemon", "status")
+        assert (p.returncode, p.stdout.decode()) == (0, f"running at {DEFAULT_URL}\n"), p.stderr
+        p = shoal(bare, "ls")  # a second CLI finds it running: no second start
+        assert p.returncode == 0 and b"started" not in p.stderr
+        p = shoal(bare, "daemon", "stop")
+        assert p.returncode == 0 and f"pid {pid}".encode() in p.stderr, p.stderr
+        assert not os.path.exists(f"/proc/{pid}") and not _listening(4040)
+        p = shoal(bare, "daemon", "stop")
+        assert p.returncode == 1 and "no daemon" in one_line_error(p)
+    finally:
+        if pid is not None and os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)  # exactly the daemon this test started

@@ -1,13 +1,17 @@
-"""The E2B code interpreter (port 49999) on real ``code-interpreter-v1`` sandboxes.
+"""The E2B code interpreter (port 49999) on real ``code-interpreter-v1`` sandboxes, through the real
+daemon (conftest's ``daemon``: ``shoal serve`` on loopback), no stubs.
 
 Two layers, one sandbox per module where it can be shared:
 
-* ``InterpreterApp`` driven directly (httpx ASGITransport through ``SandboxRouting``, with the
-  headers the E2B SDK sends): the wire format line by line, contexts, env vars, auth, isolation,
-  lazy (re)start, templates without Jupyter.
-* The unmodified ``e2b-code-interpreter`` SDK against a ``shoal serve`` subprocess (skipped while
-  the daemon does not serve the E2B control plane): state, contexts, errors, callbacks, charts,
-  DataFrames, execution timeout, the async client.
+* raw HTTP to the daemon with the headers the E2B SDK sends (``E2b-Sandbox-Id``/``-Port``, access
+  tokens): the wire format line by line, contexts, env vars, auth, isolation, lazy (re)start,
+  templates without Jupyter.
+* The unmodified ``e2b-code-interpreter`` SDK against the same daemon: state, contexts, errors,
+  callbacks, charts, DataFrames, execution timeout, the async client. The daemon serves the E2B
+  control plane, so a 404 there is a failure, not a skip.
+
+Sandboxes are created through the REST API with a long timeout (they must not expire mid-module)
+and deleted by a finalizer whatever the tests did.
 """
 
 from __future__ import annotations
@@ -22,35 +26,35 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from shoal.engine import Engine
-from shoal.server.e2b.interpreter import InterpreterApp
 from shoal.server.e2b.security import Tokens
-from shoal.server.sandbox_routing import SandboxRouting
+from shoal.settings import Settings
 
 TEMPLATE = "code-interpreter-v1"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-#: Create → first execute done, kernel start included (measured ~1 s here; generous for CI).
-FIRST_EXECUTE_BUDGET = 15.0
+#: Module sandboxes outlive the module (the REST default of 300 s could expire them mid-way).
+SANDBOX_TIMEOUT = 3600
 
 pytestmark = pytest.mark.timeout(600)
 
 
-async def _not_here(scope, receive, send) -> None:  # noqa: ANN001
-    await send({"type": "http.response.start", "status": 418, "headers": []})
-    await send({"type": "http.response.body", "body": b"not the interpreter"})
-
-
 class Interp:
-    """The interpreter app as an E2B client sees it (same headers), on one event loop."""
+    """The interpreter as an E2B client sees it: the daemon's port, the SDK's headers."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.app = InterpreterApp(engine)
-        routing = SandboxRouting(_not_here, _not_here, self.app, _not_here)
-        self.loop = asyncio.new_event_loop()
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=routing), base_url="http://sandbox",
-                                        timeout=120)
-        self.tokens = Tokens.of(engine.settings.state_dir)
+    def __init__(self, daemon) -> None:  # noqa: ANN001 - conftest's RunningDaemon
+        self.daemon = daemon
+        self.client = httpx.Client(base_url=daemon.url, timeout=120)
+        self.api = httpx.Client(base_url=daemon.url, headers=daemon.headers, timeout=120)
+        self.tokens = Tokens.of(Settings().state_dir)
+        self.created: list[str] = []
+
+    def create(self, template: str = TEMPLATE) -> str:
+        r = self.api.post("/v1/sandboxes", json={"template": template, "timeout": SANDBOX_TIMEOUT})
+        assert r.status_code == 201, r.text
+        self.created.append(r.json()["id"])
+        return r.json()["id"]
+
+    def destroy(self, sid: str) -> None:
+        assert self.api.delete(f"/v1/sandboxes/{sid}").status_code in (204, 404)
 
     def headers(self, sid: str, auth: str = "both") -> dict[str, str]:
         h = {"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49999", "Content-Type": "application/json"}
@@ -62,8 +66,7 @@ class Interp:
 
     def request(self, sid: str, method: str, path: str, body: object = None, auth: str = "both") -> httpx.Response:
         kwargs = {} if body is None else {"content": json.dumps(body)}
-        return self.loop.run_until_complete(
-            self.client.request(method, path, headers=self.headers(sid, auth), **kwargs))
+        return self.client.request(method, path, headers=self.headers(sid, auth), **kwargs)
 
     def execute(self, sid: str, code: str, **fields: object) -> list[dict]:
         r = self.request(sid, "POST", "/execute", {"code": code, **fields})
@@ -72,10 +75,19 @@ class Interp:
         assert lines and lines[-1] == {"type": "end_of_execution"}, lines
         return lines
 
+    def processes(self, sid: str) -> list[dict]:
+        r = self.api.get(f"/v1/sandboxes/{sid}/processes")
+        assert r.status_code == 200, r.text
+        return r.json()
+
     def close(self) -> None:
-        self.loop.run_until_complete(self.client.aclose())
-        self.loop.close()
-        self.app.close()
+        for sid in self.created:
+            try:
+                self.api.delete(f"/v1/sandboxes/{sid}")
+            except httpx.HTTPError:
+                pass
+        self.client.close()
+        self.api.close()
 
 
 def results(lines: list[dict]) -> list[dict]:
@@ -86,17 +98,10 @@ def main_text(lines: list[dict]) -> str | None:
     return next((r.get("text") for r in results(lines) if r["is_main_result"]), None)
 
 
-def _destroy(engine: Engine, sid: str) -> None:
-    try:
-        engine.destroy(sid)
-    except Exception:  # noqa: BLE001 - already gone
-        pass
-
-
 @pytest.fixture(scope="module")
-def interp(engine: Engine) -> Iterator[Interp]:
+def interp(daemon, engine) -> Iterator[Interp]:  # noqa: ANN001
     engine.templates.build(TEMPLATE)
-    it = Interp(engine)
+    it = Interp(daemon)
     try:
         yield it
     finally:
@@ -104,27 +109,20 @@ def interp(engine: Engine) -> Iterator[Interp]:
 
 
 @pytest.fixture(scope="module")
-def ci_sandbox(engine: Engine, interp: Interp) -> Iterator[tuple[str, float]]:
-    """One code-interpreter-v1 sandbox, and how long create → first execute result took."""
-    started = time.monotonic()
-    rec = engine.create(TEMPLATE, owner_pid=os.getpid())
+def ci_sandbox(interp: Interp) -> Iterator[tuple[str, None]]:
+    """One code-interpreter-v1 sandbox whose first execute worked (how fast: ``shoal bench``)."""
+    sid = interp.create()
     try:
-        lines = interp.execute(rec.id, "x = 1\nx")
+        lines = interp.execute(sid, "x = 1\nx")
         assert main_text(lines) == "1"
-        yield rec.id, time.monotonic() - started
+        yield sid, None
     finally:
-        _destroy(engine, rec.id)
+        interp.destroy(sid)
 
 
-# --- InterpreterApp, directly ---------------------------------------------------------------------------
+# --- the interpreter's wire format, through the daemon ------------------------------------------------
 
-def test_first_execute_is_fast_after_create(ci_sandbox: tuple[str, float]) -> None:
-    _sid, took = ci_sandbox
-    print(f"create -> first execute result: {took:.2f} s")
-    assert took < FIRST_EXECUTE_BUDGET
-
-
-def test_state_persists_and_lines_are_e2b_ndjson(interp: Interp, ci_sandbox: tuple[str, float]) -> None:
+def test_state_persists_and_lines_are_e2b_ndjson(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
     interp.execute(sid, "y = 41")
     lines = interp.execute(sid, "print('hello')\ny + 1")
@@ -138,7 +136,7 @@ def test_state_persists_and_lines_are_e2b_ndjson(interp: Interp, ci_sandbox: tup
     assert later[0]["execution_count"] == lines[0]["execution_count"] + 1
 
 
-def test_error_has_name_value_traceback(interp: Interp, ci_sandbox: tuple[str, float]) -> None:
+def test_error_has_name_value_traceback(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
     lines = interp.execute(sid, "def f():\n    return 1/0\nf()")
     errors = [line for line in lines if line["type"] == "error"]
@@ -149,7 +147,7 @@ def test_error_has_name_value_traceback(interp: Interp, ci_sandbox: tuple[str, f
     assert main_text(interp.execute(sid, "'still alive'")) == "still alive"
 
 
-def test_stderr_and_display_data(interp: Interp, ci_sandbox: tuple[str, float]) -> None:
+def test_stderr_and_display_data(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
     lines = interp.execute(sid, "import sys\nfrom IPython.display import display, HTML\n"
                                 "sys.stderr.write('warn\\n'); sys.stderr.flush()\n"
@@ -160,7 +158,7 @@ def test_stderr_and_display_data(interp: Interp, ci_sandbox: tuple[str, float]) 
     assert shown[1]["is_main_result"] is True and shown[1]["text"] == "{'a': 1}"
 
 
-def test_matplotlib_chart_is_png(interp: Interp, ci_sandbox: tuple[str, float]) -> None:
+def test_matplotlib_chart_is_png(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
     lines = interp.execute(sid, "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.show()")
     charts = [r for r in results(lines) if "png" in r]
@@ -168,20 +166,20 @@ def test_matplotlib_chart_is_png(interp: Interp, ci_sandbox: tuple[str, float]) 
     assert base64.b64decode(charts[0]["png"]).startswith(PNG_MAGIC)
 
 
-def test_dataframe_is_html(interp: Interp, ci_sandbox: tuple[str, float]) -> None:
+def test_dataframe_is_html(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
     lines = interp.execute(sid, "import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': [3, 4]})")
     main = [r for r in results(lines) if r["is_main_result"]]
     assert len(main) == 1 and "<table" in main[0]["html"] and "a" in main[0]["text"]
 
 
-def test_json_result(interp: Interp, ci_sandbox: tuple[str, float]) -> None:
+def test_json_result(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
     lines = interp.execute(sid, "from IPython.display import JSON\nJSON({'k': [1, 2]})")
     assert results(lines)[0]["json"] == {"k": [1, 2]}
 
 
-def test_env_vars_apply_to_one_execution(interp: Interp, ci_sandbox: tuple[str, float]) -> None:
+def test_env_vars_apply_to_one_execution(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
     lines = interp.execute(sid, "import os, subprocess\n"
                                 "(os.environ.get('SHOAL_T'), subprocess.run(['sh', '-c', 'echo $SHOAL_T'], "
@@ -193,7 +191,7 @@ def test_env_vars_apply_to_one_execution(interp: Interp, ci_sandbox: tuple[str, 
     assert main_text(interp.execute(sid, "os.environ.get('HOME')")) == "/home/user"  # restored
 
 
-def test_contexts_keep_separate_state(interp: Interp, ci_sandbox: tuple[str, float]) -> None:
+def test_contexts_keep_separate_state(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
     r = interp.request(sid, "POST", "/contexts", {"cwd": "/tmp"}, auth="traffic")  # what the SDK sends
     assert r.status_code == 200, r.text
@@ -217,7 +215,7 @@ def test_contexts_keep_separate_state(interp: Interp, ci_sandbox: tuple[str, flo
     assert ctx["id"] not in [c["id"] for c in interp.request(sid, "GET", "/contexts", auth="traffic").json()]
 
 
-def test_language_and_context_errors(interp: Interp, ci_sandbox: tuple[str, float]) -> None:
+def test_language_and_context_errors(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
     assert main_text(interp.execute(sid, "z", language="python")) == "default"
     r = interp.request(sid, "POST", "/execute", {"code": "1", "language": "r"})
@@ -228,18 +226,16 @@ def test_language_and_context_errors(interp: Interp, ci_sandbox: tuple[str, floa
     assert interp.request(sid, "POST", "/contexts", {"cwd": "/does/not/exist"}).status_code == 400
 
 
-def test_tokens_are_required(interp: Interp, ci_sandbox: tuple[str, float]) -> None:
+def test_tokens_are_required(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
     assert interp.request(sid, "POST", "/execute", {"code": "1"}, auth="none").status_code == 401
     assert interp.request(sid, "POST", "/execute", {"code": "1"}, auth="envd").status_code == 200
-    r = interp.loop.run_until_complete(interp.client.post(
-        "/execute", json={"code": "1"},
-        headers={"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49999", "X-Access-Token": "sea_" + "0" * 48}))
+    r = interp.client.post("/execute", json={"code": "1"}, headers={
+        "E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49999", "X-Access-Token": "sea_" + "0" * 48})
     assert r.status_code == 401
     other = interp.tokens.envd("aaaaaaaaaaaa")  # a valid token of another sandbox id
-    r = interp.loop.run_until_complete(interp.client.post(
-        "/execute", json={"code": "1"},
-        headers={"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49999", "X-Access-Token": other}))
+    r = interp.client.post("/execute", json={"code": "1"}, headers={
+        "E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49999", "X-Access-Token": other})
     assert r.status_code == 401
 
 
@@ -248,48 +244,49 @@ def test_unknown_sandbox_is_502(interp: Interp) -> None:
     assert r.status_code == 502 and r.json()["code"] == 502
 
 
-def test_sandboxes_are_isolated(interp: Interp, ci_sandbox: tuple[str, float], engine: Engine) -> None:
+def test_sandboxes_are_isolated(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
-    other = engine.create(TEMPLATE, owner_pid=os.getpid())
+    other = interp.create()
     try:
         interp.execute(sid, "who = 'A'")
-        interp.execute(other.id, "who = 'B'")
+        interp.execute(other, "who = 'B'")
         assert main_text(interp.execute(sid, "who")) == "A"
-        assert main_text(interp.execute(other.id, "who")) == "B"
+        assert main_text(interp.execute(other, "who")) == "B"
         # A's tokens do not open B.
-        r = interp.loop.run_until_complete(interp.client.post(
-            "/execute", json={"code": "who"}, headers={**interp.headers(sid), "E2b-Sandbox-Id": other.id}))
+        r = interp.client.post("/execute", json={"code": "who"},
+                               headers={**interp.headers(sid), "E2b-Sandbox-Id": other})
         assert r.status_code == 401
     finally:
-        _destroy(engine, other.id)
+        interp.destroy(other)
 
 
-def test_server_restarts_lazily_after_being_killed(interp: Interp, engine: Engine) -> None:
-    rec = engine.create(TEMPLATE, owner_pid=os.getpid())
+def test_server_restarts_lazily_after_being_killed(interp: Interp) -> None:
+    sid = interp.create()
     try:
-        interp.execute(rec.id, "k = 1")
-        agent = engine.agent(rec.id)
-        [server] = [p for p in agent.processes() if p.get("tag") == "shoal-code-interpreter"]
-        agent.signal(server["pid"], 9)
-        deadline = time.monotonic() + 10
-        while any(p["pid"] == server["pid"] for p in agent.processes()) and time.monotonic() < deadline:
+        interp.execute(sid, "k = 1")
+        [server] = [p for p in interp.processes(sid) if p.get("tag") == "shoal-code-interpreter"]
+        r = interp.api.post(f"/v1/sandboxes/{sid}/processes/{server['pid']}/signal", json={"signal": 9})
+        assert r.status_code in (200, 204), r.text
+        deadline = time.monotonic() + 30
+        while any(p["pid"] == server["pid"] for p in interp.processes(sid)):
+            assert time.monotonic() < deadline, "the killed interpreter server is still listed"
             time.sleep(0.05)
-        lines = interp.execute(rec.id, "'k' in dir()")  # a new server, a new kernel
+        lines = interp.execute(sid, "'k' in dir()")  # a new server, a new kernel
         assert main_text(lines) == "False"
-        [again] = [p for p in agent.processes() if p.get("tag") == "shoal-code-interpreter"]
+        [again] = [p for p in interp.processes(sid) if p.get("tag") == "shoal-code-interpreter"]
         assert again["pid"] != server["pid"]
     finally:
-        _destroy(engine, rec.id)
+        interp.destroy(sid)
 
 
-def test_template_without_jupyter_answers_502(interp: Interp, engine: Engine, base_template: str) -> None:
-    rec = engine.create(base_template, owner_pid=os.getpid())
+def test_template_without_jupyter_answers_502(interp: Interp, base_template: str) -> None:
+    sid = interp.create(base_template)
     try:
-        r = interp.request(rec.id, "POST", "/execute", {"code": "1"})
+        r = interp.request(sid, "POST", "/execute", {"code": "1"})
         assert r.status_code == 502
         assert "jupyter_client" in r.json()["message"]
     finally:
-        _destroy(engine, rec.id)
+        interp.destroy(sid)
 
 
 # --- the e2b-code-interpreter SDK against a daemon --------------------------------------------------------
@@ -300,12 +297,11 @@ def _e2b_env(daemon) -> dict[str, str]:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def e2b(daemon, engine: Engine) -> Iterator[None]:  # noqa: ANN001
+def e2b(daemon, engine) -> Iterator[None]:  # noqa: ANN001
     engine.templates.build(TEMPLATE)
     env = _e2b_env(daemon)
     probe = httpx.get(daemon.url + "/v2/sandboxes", headers={"X-API-KEY": env["E2B_API_KEY"]}, timeout=10)
-    if probe.status_code == 404:
-        pytest.skip("this daemon does not serve the E2B control plane yet")
+    assert probe.status_code == 200, f"the daemon must serve the E2B control plane: {probe.status_code} {probe.text}"
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -322,7 +318,7 @@ def e2b(daemon, engine: Engine) -> Iterator[None]:  # noqa: ANN001
 def sdk_sandbox(e2b: None) -> Iterator[object]:
     from e2b_code_interpreter import Sandbox
 
-    sbx = Sandbox.create()  # the SDK's default template: code-interpreter-v1
+    sbx = Sandbox.create(timeout=SANDBOX_TIMEOUT)  # the SDK's default template: code-interpreter-v1
     try:
         yield sbx
     finally:
@@ -393,9 +389,8 @@ def test_sdk_timeout_interrupts_the_kernel(sdk_sandbox) -> None:  # noqa: ANN001
 
     with pytest.raises(TimeoutException):
         sdk_sandbox.run_code("import time\ntime.sleep(60)", timeout=2)
-    started = time.monotonic()
-    assert sdk_sandbox.run_code("'free again'").text == "free again"
-    assert time.monotonic() - started < 10  # the sleep was interrupted, not waited out
+    # the sleep was interrupted, not waited out: were the kernel still sleeping, this one would time out
+    assert sdk_sandbox.run_code("'free again'", timeout=20).text == "free again"
 
 
 def test_sdk_async(e2b: None) -> None:

@@ -53,7 +53,8 @@ def e2b_env(daemon, base_template) -> Iterator[dict[str, str]]:  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def sbx(e2b_env) -> Iterator[Sandbox]:  # noqa: ANN001
-    sb = Sandbox.create(TEMPLATE, envs={"SANDBOX_WIDE": "yes"}, metadata={"suite": "e2b-sync"})
+    # an hour: E2B's default 300 s could expire the module's sandbox mid-module
+    sb = Sandbox.create(TEMPLATE, envs={"SANDBOX_WIDE": "yes"}, metadata={"suite": "e2b-sync"}, timeout=3600)
     try:
         yield sb
     finally:
@@ -70,8 +71,13 @@ def new_sbx(e2b_env) -> Iterator:  # noqa: ANN001
         return sb
 
     yield make
-    for sb in made:
-        Sandbox.kill(sb.sandbox_id)
+    failures = []
+    for sb in made:  # every one, paused ones included (a paused sandbox never expires on its own)
+        try:
+            Sandbox.kill(sb.sandbox_id)
+        except Exception as exc:  # noqa: BLE001 - the others must still go
+            failures.append(exc)
+    assert not failures, failures
 
 
 def _until(pred, timeout: float = 10.0, every: float = 0.05):  # noqa: ANN001, ANN202

@@ -189,8 +189,7 @@ def test_background_process_lifecycle(agent: AgentClient):
     try:
         first = next(ev for ev in stream if ev.kind == "stdout")
         assert first.data.startswith(b"tick 0")
-        stream.close()  # stop following; the process must keep running
-        time.sleep(0.5)
+        stream.close()  # stop following; the process must keep running (the ticks read below come after)
 
         listed = {p["pid"]: p for p in agent.processes()}
         assert pid in listed, "a background process vanished once its starter disconnected"
@@ -248,13 +247,10 @@ def test_background_child_holding_stdout_does_not_delay_the_result(agent: AgentC
 # --- timeouts -----------------------------------------------------------------------------------
 
 def test_timeout_kills_the_whole_tree(agent: AgentClient):
-    t0 = time.monotonic()
     r = run_guarded(lambda: sh(agent, "sleep 101 & sleep 102 & (sleep 103; echo never) & echo started; wait",
-                               timeout=1), 20)
-    elapsed = time.monotonic() - t0
+                               timeout=1), 20)  # a 1 s timeout that did not fire within 20 s fails here
     assert r.timed_out and r.signal == 9 and r.exit_code == 137
     assert r.stdout == "started\n"
-    assert elapsed < 5, f"timeout of 1 s took {elapsed:.1f} s"
     ps = ps_once_gone(agent, "sleep 10")
     assert "sleep 10" not in ps, f"children survived the timeout:\n{ps}"
 
@@ -367,31 +363,36 @@ def test_many_lines(agent: AgentClient):
     assert r.stdout_bytes == b"y\n" * 10_000_000
 
 
+#: Each exec checks in, then waits (at most ~15 s) until all of them have: execs run one after
+#: another would never all be in at once, and the first would give up with exit code 99.
+RENDEZVOUS = ('touch "$D/$N"; i=0; while [ "$(ls "$D" | wc -l)" -lt "$ALL" ]; do i=$((i+1)); '
+              '[ $i -gt 300 ] && exit 99; sleep 0.05; done; echo "out $N"; echo "err $N" >&2; exit $N')
+
+
 def test_concurrent_execs(agent: AgentClient):
     n = 20
     results: dict[int, object] = {}
     errors: list[BaseException] = []
+    rendezvous = f"/tmp/concurrent-{time.monotonic_ns()}"
+    agent.mkdir(rendezvous)
 
     def one(i: int) -> None:
         try:
-            results[i] = agent.run(["sh", "-c", 'echo "out $N"; sleep 0.3; echo "err $N" >&2; exit $N'],
-                                   env={"N": str(i)})
+            results[i] = agent.run(["sh", "-c", RENDEZVOUS], env={"N": str(i), "D": rendezvous, "ALL": str(n)})
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
-    elapsed = time.monotonic() - t0
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "an exec hangs"
     assert not errors, errors
     assert len(results) == n
     for i, r in results.items():
         assert (r.stdout, r.stderr, r.exit_code) == (f"out {i}\n", f"err {i}\n", i)  # type: ignore[attr-defined]
     assert len({r.pid for r in results.values()}) == n  # type: ignore[attr-defined]
-    assert elapsed < n * 0.3, f"execs ran one after another ({elapsed:.1f} s)"
 
 
 # --- descendants that leave the process group -------------------------------------------------

@@ -13,6 +13,7 @@ one stable machine code (``code``)::
     ├── QuotaExceeded (429, "quota_exceeded")     the API key's sandbox or memory limit is reached
     ├── CapacityExceeded (503, "capacity")        the host is out of memory, pids, fds or disk: retry later
     ├── RuntimeFailure (500, "runtime_failure")   a host step (mount, crun, cgroup) failed
+    │   └── AgentUnavailable (503, "agent_unavailable")  the sandbox's agent does not answer in time
     └── DaemonUnreachable (503, "daemon_unreachable")  the SDK or CLI cannot reach the daemon at its URL
 
 Lower layers (errno, crun, the agent's wire codes) are translated at one boundary each
@@ -108,6 +109,17 @@ class RuntimeFailure(ShoalError):
         super().__init__(f"{message} ({', '.join(parts)})" if parts else message)
         self.step = step
         self.sandbox_id = sandbox_id
+
+
+class AgentUnavailable(RuntimeFailure):
+    """The sandbox's agent did not answer in time: stopped, overloaded, or taken over by sandbox code.
+
+    The agent is sandbox code as far as the host is concerned, so every wait on it is bounded; a
+    caller gets this (HTTP 503, retry later) instead of a request that hangs and holds a daemon fd.
+    """
+
+    status = 503
+    code = "agent_unavailable"
 
 
 class DaemonUnreachable(ShoalError):

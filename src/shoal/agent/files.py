@@ -262,7 +262,10 @@ def _rmtree(path: str) -> None:
 
 
 def read(sock, reader, req: dict) -> None:  # noqa: ANN001
-    """``file.read``: a header MSG with the entry, DATA frames, then ``{"event": "eof"}``."""
+    """``file.read``: a header MSG with the entry, DATA frames, then ``{"event": "eof"}``.
+
+    At most ``entry.size`` bytes follow (up to EOF when the size is 0); the host must still count them,
+    since sandbox root can answer in the agent's place."""
     try:
         user = _user(req)
         path = resolve(req.get("path"), user)
@@ -288,10 +291,15 @@ def read(sock, reader, req: dict) -> None:  # noqa: ANN001
         os.set_blocking(fd, True)
         sock.sendall(p.message({"ok": True, "entry": entry(path, s)}))
         chunk = 1024 * 1024
-        while True:
-            data = os.read(fd, chunk)
+        # The bytes up to the size at open: a file that grows meanwhile (a log) is sent as it was, and
+        # the transfer ends. Files that report size 0 (procfs, cgroupfs) have contents: read to EOF.
+        left = s.st_size if s.st_size > 0 else -1
+        while left:
+            data = os.read(fd, chunk if left < 0 else min(chunk, left))
             if not data:
-                break
+                break  # shorter than its size (truncated meanwhile, or a sysfs file): what there is
+            if left > 0:
+                left -= len(data)
             sock.sendall(p.frame(p.DATA, data))
         sock.sendall(p.message({"event": "eof"}))
     finally:

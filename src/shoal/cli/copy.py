@@ -1,14 +1,18 @@
-"""``shoal cp``: files and directories between the host and a sandbox, streamed both ways (SDK)."""
+"""``shoal cp``: files and directories between the host and a sandbox, streamed both ways (SDK).
+
+Copies out of a sandbox write the host only through ``shoal.storage.confined``."""
 
 from __future__ import annotations
 
 import os
 import posixpath
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from shoal.client import Sandbox
 from shoal.errors import InvalidRequest, NotFound
+from shoal.storage.confined import ConfinedWriter, Limits
 
 CHUNK = 1024 * 1024
 
@@ -47,37 +51,53 @@ def _upload(sb: Sandbox, src: Path, dst: str) -> None:
     sb.files.write(dst, _local_chunks(src), mode=src.stat().st_mode & 0o7777)
 
 
-def _download(sb: Sandbox, src: str, dst: Path) -> None:
+def _download(sb: Sandbox, src: str, dst: Path, limits: Limits, warn: Callable[[str], None]) -> None:
+    """Everything from the sandbox is hostile (its root can answer for the agent): names, types, modes
+    and sizes only ever reach the host through ``ConfinedWriter``, rooted at the destination's directory."""
     info = sb.files.stat(src)
     if dst.is_dir():
-        dst = dst / posixpath.basename(src.rstrip("/"))
-    if info.type == "dir":
-        dst.mkdir(exist_ok=True)
-        for entry in sb.files.list(src, depth=64):
-            target = dst / posixpath.relpath(entry.path, info.path)
-            if entry.type == "dir":
-                target.mkdir(parents=True, exist_ok=True)
-            elif entry.type == "file":
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _save(sb, entry.path, target, entry.mode)
-        return
-    _save(sb, src, dst, info.mode)
+        root, name = dst, posixpath.basename(posixpath.normpath(src))
+        if not name or name == "/":
+            raise InvalidRequest(f"{src}: name the destination (e.g. {dst}/copy), it has no name of its own")
+    else:
+        root, name = dst.parent, dst.name
+    with ConfinedWriter(root, limits) as out:
+        if info.type == "dir":
+            entries = sb.files.list(src, depth=64)
+            if len(entries) > limits.max_entries:
+                raise InvalidRequest(f"{src}: {len(entries)} entries, more than the limit of {limits.max_entries} "
+                                     "(raise it with --max-entries)")
+            out.mkdir(name, info.mode)
+            prefix = info.path.rstrip("/") + "/"
+            for entry in entries:
+                rel = _inside(entry.path, prefix)
+                if entry.type == "dir":
+                    out.mkdir(f"{name}/{rel}", entry.mode)
+                elif entry.type == "file":
+                    out.write_file(f"{name}/{rel}", sb.files.read_stream(entry.path), entry.mode)
+                else:
+                    warn(f"skipped {entry.path}: a {entry.type} (only files and directories are copied out)")
+        elif info.type in ("file", "symlink"):  # a named link is read through, inside the sandbox
+            out.write_file(name, sb.files.read_stream(src), info.mode if info.type == "file" else 0o644)
+        else:
+            raise InvalidRequest(f"{src}: not a regular file or directory")
 
 
-def _save(sb: Sandbox, src: str, dst: Path, mode: int) -> None:
-    tmp = dst.with_name(f".{dst.name}.shoal-part")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in sb.files.read_stream(src):
-                f.write(chunk)
-        os.chmod(tmp, mode & 0o7777)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _inside(path: object, prefix: str) -> str:
+    """``path`` relative to the listed directory; a listing entry anywhere else is a lie."""
+    if not isinstance(path, str) or not path.startswith(prefix):
+        raise InvalidRequest(f"unsafe path from the sandbox: {path!r} is not inside {prefix.rstrip('/') or '/'}")
+    return path[len(prefix):]
 
 
-def copy(open_sandbox: Callable[[str], Sandbox], src: str, dst: str) -> None:
-    """``open_sandbox(id)`` connects to a sandbox (the CLI passes one bound to its daemon)."""
+def _warn(message: str) -> None:
+    sys.stderr.write(f"shoal: warning: {message}\n")
+
+
+def copy(open_sandbox: Callable[[str], Sandbox], src: str, dst: str, limits: Limits | None = None,
+         warn: Callable[[str], None] = _warn) -> None:
+    """``open_sandbox(id)`` connects to a sandbox (the CLI passes one bound to its daemon); ``limits``
+    bound what a copy out of a sandbox may write on the host (see ``shoal.storage.confined``)."""
     src_id, src_path = split(src)
     dst_id, dst_path = split(dst)
     if src_id and dst_id:
@@ -93,7 +113,7 @@ def copy(open_sandbox: Callable[[str], Sandbox], src: str, dst: str) -> None:
     else:
         assert src_id is not None
         with _Closing(open_sandbox(src_id)) as sb:
-            _download(sb, src_path, Path(dst_path))
+            _download(sb, src_path, Path(dst_path), limits or Limits(), warn)
 
 
 class _Closing:

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+import click
 import typer
 
 from shoal.cli.output import EXIT_NOT_FOUND, EXIT_TIMEOUT, fail, fail_on, progress_display
@@ -244,11 +245,19 @@ def shell(sandbox_id: str = typer.Argument(..., metavar="ID"), user: str = typer
 
 @app.command()
 def cp(src: str = typer.Argument(..., help="Local path or ID:/path."),
-       dst: str = typer.Argument(..., help="Local path or ID:/path.")) -> None:
+       dst: str = typer.Argument(..., help="Local path or ID:/path."),
+       max_bytes: int = typer.Option(None, min=0, show_default=False,
+                                     help="Out of a sandbox: at most this many bytes [16 GiB]."),
+       max_file_bytes: int = typer.Option(None, min=0, show_default=False,
+                                          help="Out of a sandbox: at most this per file [4 GiB]."),
+       max_entries: int = typer.Option(None, min=1, show_default=False,
+                                       help="Out of a sandbox: at most this many entries [100000].")) -> None:
     """Copy files or directories between the host and a sandbox (ID:/path on either side)."""
     from shoal.cli.copy import copy
+    from shoal.storage.confined import Limits
+    given = {"max_total_bytes": max_bytes, "max_file_bytes": max_file_bytes, "max_entries": max_entries}
     try:
-        copy(sandbox, src, dst)
+        copy(sandbox, src, dst, Limits(**{k: v for k, v in given.items() if v is not None}))
     except BaseException as exc:  # noqa: BLE001
         fail_on(exc)
 
@@ -444,10 +453,12 @@ def _key_store():  # noqa: ANN202
 @keys_app.command("create")
 def keys_create(name: str = typer.Option("default", help="A label for the key."),
                 max_sandboxes: int = typer.Option(None, help="Concurrent sandboxes allowed."),
-                max_memory: int = typer.Option(None, help="Total MiB allowed across its sandboxes.")) -> None:
+                max_memory: int = typer.Option(None, help="Total MiB allowed across its sandboxes."),
+                admin: bool = typer.Option(False, "--admin", help="An operator key: sees every tenant in /metrics.")
+                ) -> None:
     """Create an API key and print it (it is shown only once)."""
     try:
-        _key, secret = _key_store().create(name, max_sandboxes, max_memory)
+        _key, secret = _key_store().create(name, max_sandboxes, max_memory, admin=admin)
     except BaseException as exc:  # noqa: BLE001
         fail_on(exc)
     typer.echo(secret)
@@ -462,10 +473,10 @@ def keys_ls(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     from rich.console import Console
     from rich.table import Table
-    table = Table("ID", "NAME", "REVOKED", "MAX SANDBOXES", "MAX MEMORY", box=None)
+    table = Table("ID", "NAME", "ADMIN", "REVOKED", "MAX SANDBOXES", "MAX MEMORY", box=None)
     for k in keys:
-        table.add_row(k.id, k.name, "yes" if k.revoked else "no", str(k.max_sandboxes or "-"),
-                      f"{k.max_memory_mb} MiB" if k.max_memory_mb else "-")
+        table.add_row(k.id, k.name, "yes" if k.admin else "no", "yes" if k.revoked else "no",
+                      str(k.max_sandboxes or "-"), f"{k.max_memory_mb} MiB" if k.max_memory_mb else "-")
     Console().print(table)
 
 
@@ -504,12 +515,22 @@ def bench(as_json: bool = typer.Option(False, "--json", help="Print the JSON rep
 
 
 def main() -> None:
+    """Run the CLI: every failure, usage errors included, is one ``shoal: ...`` line and a non-zero exit."""
     try:
-        app()
+        code = app(standalone_mode=False)  # click hands us its errors instead of printing its usage box
     except SystemExit:
         raise
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "shoal"
+        fail(f"{exc.format_message()} (see: {where} --help)", exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        fail("interrupted", 130)
     except BaseException as exc:  # noqa: BLE001
         fail_on(exc)
+    if isinstance(code, int) and code:  # ``typer.Exit(n)`` comes back as a return value in this mode
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

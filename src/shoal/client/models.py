@@ -46,6 +46,13 @@ class CommandResult:
     signal: int | None = None
     timed_out: bool = False
     pid: int = 0
+    #: The daemon kept only the start of the output (16 MiB per stream by default); stream to get it all.
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    @property
+    def truncated(self) -> bool:
+        return self.stdout_truncated or self.stderr_truncated
 
     @property
     def stdout(self) -> str:

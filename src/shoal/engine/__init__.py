@@ -1,6 +1,6 @@
 """Sandbox lifecycle on one host: create, use, destroy, reconcile."""
 
 from shoal.engine.engine import Engine
-from shoal.engine.models import SandboxRecord, SandboxState
+from shoal.engine.models import SandboxEvent, SandboxRecord, SandboxState
 
-__all__ = ["Engine", "SandboxRecord", "SandboxState"]
+__all__ = ["Engine", "SandboxEvent", "SandboxRecord", "SandboxState"]

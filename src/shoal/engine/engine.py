@@ -17,7 +17,14 @@ from contextlib import contextmanager
 
 from shoal.engine.admission import HostCapacity
 from shoal.engine.keys import ApiKey, KeyStore
-from shoal.engine.models import TRANSITIONS, SandboxRecord, SandboxState, new_sandbox_id, valid_sandbox_id
+from shoal.engine.models import (
+    TRANSITIONS,
+    SandboxEvent,
+    SandboxRecord,
+    SandboxState,
+    new_sandbox_id,
+    valid_sandbox_id,
+)
 from shoal.engine.store import Store
 from shoal.errors import InvalidRequest, InvalidTransition, NotFound, QuotaExceeded, ShoalError
 from shoal.images import TemplateStore
@@ -26,8 +33,8 @@ from shoal.runtime.base import Runtime, SandboxSpec
 from shoal.settings import Settings
 
 Progress = Callable[[str, float | None], None]
-#: ``listener(event)``: event is a dict with ``type`` (created, deleted, paused, resumed, expired,
-#: timeout) and ``sandbox`` (the record as a dict). Called from whichever thread acted.
+#: ``listener(event)``: event is a dict with ``type`` (a ``SandboxEvent`` value), ``time`` and ``sandbox``
+#: (the record as a dict). Called from whichever thread acted.
 Listener = Callable[[dict], None]
 MAX_TIMEOUT = 7 * 24 * 3600.0
 
@@ -44,6 +51,13 @@ def _check_text(label: str, text: object) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidRequest(f"{label} contains text that is not valid UTF-8") from exc
+
+
+def unusable(rec: SandboxRecord) -> ShoalError:
+    """Why a sandbox that is not RUNNING cannot be used: one wording for every API."""
+    if rec.state is SandboxState.ERROR:
+        return InvalidTransition(f"failed ({rec.reason or 'unknown reason'}); delete it", "use", rec.id)
+    return InvalidTransition(rec.state.value, "use", rec.id)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -82,8 +96,8 @@ class Engine:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
-    def _emit(self, kind: str, rec: SandboxRecord) -> None:
-        event = {"type": kind, "time": time.time(), "sandbox": rec.to_dict()}
+    def _emit(self, kind: SandboxEvent, rec: SandboxRecord) -> None:
+        event = {"type": kind.value, "time": time.time(), "sandbox": rec.to_dict()}
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -137,7 +151,7 @@ class Engine:
         if owner_pid is None:  # persistent: nobody owns it once it runs
             rec.owner_pid = rec.owner_start = None
         self.store.put(rec)
-        self._emit("created", rec)
+        self._emit(SandboxEvent.CREATED, rec)
         if wait:
             self.agent(rec.id).wait_ready()
         return rec
@@ -192,7 +206,7 @@ class Engine:
             raise InvalidRequest(f"timeout must be between 1 and {int(MAX_TIMEOUT)} seconds, not {timeout!r}")
         rec.expires_at = time.time() + timeout
         self.store.put(rec)
-        self._emit("timeout", rec)
+        self._emit(SandboxEvent.TIMEOUT, rec)
         return rec
 
     def pause(self, sandbox_id: str, api_key: ApiKey | None = None) -> SandboxRecord:
@@ -202,7 +216,7 @@ class Engine:
             raise InvalidTransition(rec.state.value, "pause", sandbox_id)
         self.runtime.pause(sandbox_id)
         self._move(rec, SandboxState.PAUSED)
-        self._emit("paused", rec)
+        self._emit(SandboxEvent.PAUSED, rec)
         return rec
 
     def resume(self, sandbox_id: str, api_key: ApiKey | None = None) -> SandboxRecord:
@@ -212,15 +226,17 @@ class Engine:
             raise InvalidTransition(rec.state.value, "resume", sandbox_id)
         self.runtime.resume(sandbox_id)
         self._move(rec, SandboxState.RUNNING)
-        self._emit("resumed", rec)
+        self._emit(SandboxEvent.RESUMED, rec)
         return rec
 
     def expire(self, now: float | None = None) -> list[str]:
-        """Delete every RUNNING sandbox past its expiry (paused ones wait to be resumed)."""
+        """Delete every RUNNING (or failed) sandbox past its expiry (paused ones wait to be resumed)."""
         now = time.time() if now is None else now
         gone = []
         for rec in self.store.all():
-            if rec.expires_at is not None and rec.expires_at <= now and rec.state is SandboxState.RUNNING:
+            if (rec.expires_at is not None and rec.expires_at <= now
+                    and rec.state in (SandboxState.RUNNING, SandboxState.ERROR)):
+                self._emit(SandboxEvent.EXPIRED, rec)
                 try:
                     self.destroy(rec.id)
                     gone.append(rec.id)
@@ -232,7 +248,7 @@ class Engine:
         """The exec/files channel of a RUNNING sandbox."""
         rec = self.get(sandbox_id, api_key)
         if rec.state is not SandboxState.RUNNING:
-            raise InvalidTransition(rec.state.value, "use", sandbox_id)
+            raise unusable(rec)
         return AgentClient(str(self.runtime.agent_socket(sandbox_id)), sandbox_id)
 
     def run(self, sandbox_id: str, cmd: list[str], **kwargs: object) -> ExecResult:
@@ -251,7 +267,33 @@ class Engine:
         finally:
             self.store.delete(sandbox_id)
             rec.state = SandboxState.DELETED
-            self._emit("deleted", rec)
+            self._emit(SandboxEvent.DELETED, rec)
+
+    def check_health(self) -> list[str]:
+        """Move RUNNING sandboxes whose agent (PID 1) is gone to ``error``; returns their ids.
+
+        Sandbox root can take its own agent down (fill memory, ``prlimit``, ptrace); the API must then
+        say so instead of reporting ``running`` while every call fails. When PID 1 dies the kernel kills
+        the whole sandbox, so its host resources are freed at once; the record stays, in ``error`` with
+        the reason, until it is deleted or expires.
+        """
+        failed = []
+        for rec in self.store.all():
+            if rec.state is not SandboxState.RUNNING or self.runtime.is_alive(rec.id):
+                continue
+            oom = (self.runtime.usage(rec.id).get("oom_kills") or 0) > 0
+            reason = ("its agent (PID 1) was killed by the out-of-memory killer" if oom
+                      else "its agent (PID 1) exited")
+            if not self.store.fail(rec.id, SandboxState.RUNNING, reason):
+                continue  # a pause or delete got there first
+            rec.state, rec.reason = SandboxState.ERROR, reason
+            try:
+                self.runtime.destroy(rec.id)
+            except (ShoalError, OSError):
+                pass  # the record stays; delete or the next reconcile retries
+            self._emit(SandboxEvent.DIED, rec)
+            failed.append(rec.id)
+        return failed
 
     def _move(self, rec: SandboxRecord, to: SandboxState) -> None:
         if to not in TRANSITIONS[rec.state] and rec.state is not to:

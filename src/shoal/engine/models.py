@@ -17,6 +17,23 @@ class SandboxState(str, enum.Enum):
     ERROR = "error"
 
 
+class SandboxEvent(str, enum.Enum):
+    """Lifecycle events, each emitted by the engine where it happens (``Engine.subscribe``, ``/v1/events``).
+
+    ``created`` a sandbox runs · ``paused`` / ``resumed`` frozen / thawed · ``timeout`` its expiry moved ·
+    ``expired`` its timeout passed (``deleted`` follows) · ``died`` its agent (PID 1) is gone while it
+    should run: the sandbox moved to ``error`` with a ``reason`` · ``deleted`` gone for good.
+    """
+
+    CREATED = "created"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    TIMEOUT = "timeout"
+    EXPIRED = "expired"
+    DIED = "died"
+    DELETED = "deleted"
+
+
 #: Every legal move; anything else is an ``InvalidTransition`` (HTTP 409).
 TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
     SandboxState.CREATING: frozenset({SandboxState.RUNNING, SandboxState.ERROR, SandboxState.STOPPING}),
@@ -58,6 +75,8 @@ class SandboxRecord:
     owner_start: int | None = None
     expires_at: float | None = None
     api_key: str | None = None
+    #: Why the sandbox is in ``error`` (e.g. its agent died, and whether the OOM killer did it).
+    reason: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)

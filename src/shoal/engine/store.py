@@ -8,6 +8,7 @@ every host resource again (they are all named after the sandbox id).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -29,21 +30,49 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     owner_pid INTEGER,
     owner_start INTEGER,
     expires_at REAL,
-    api_key TEXT
+    api_key TEXT,
+    reason TEXT
 );
 """
 _COLUMNS = ("id", "template", "state", "cpu", "memory_mb", "disk_mb", "created_at", "runtime", "env",
-            "metadata", "owner_pid", "owner_start", "expires_at", "api_key")
+            "metadata", "owner_pid", "owner_start", "expires_at", "api_key", "reason")
+#: Columns added after the first release: (name, SQL type), added to older databases on open.
+_ADDED_COLUMNS = (("reason", "TEXT"),)
+
+
+def connect_private(path: Path) -> sqlite3.Connection:
+    """Open the database readable by root alone (it holds API key hashes and every sandbox's env),
+    like ``local.key``; SQLite gives its -wal and -shm files the database file's mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Only when creating it: closing any fd of the file drops every POSIX lock this process holds on it,
+    # so doing this beside an open connection (Store, then KeyStore, same file) lets another process
+    # delete the live WAL under it (database disk image is malformed).
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):  # databases made before this was enforced
+        try:
+            os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+    return sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
 
 
 class Store:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+        self._db = connect_private(path)
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(sandboxes)")}
+        for name, sql_type in _ADDED_COLUMNS:
+            if name not in have:
+                try:
+                    self._db.execute(f"ALTER TABLE sandboxes ADD COLUMN {name} {sql_type}")
+                except sqlite3.OperationalError:  # another process added it first
+                    pass
 
     @staticmethod
     def _row(row: tuple) -> SandboxRecord:
@@ -75,6 +104,13 @@ class Store:
     def set_state(self, sandbox_id: str, state: SandboxState) -> None:
         with self._lock:
             self._db.execute("UPDATE sandboxes SET state=? WHERE id=?", (state.value, sandbox_id))
+
+    def fail(self, sandbox_id: str, expected: SandboxState, reason: str) -> bool:
+        """``expected`` → ``error`` with ``reason``, only if still in ``expected`` (a destroy may have begun)."""
+        with self._lock:
+            cur = self._db.execute("UPDATE sandboxes SET state=?, reason=? WHERE id=? AND state=?",
+                                   (SandboxState.ERROR.value, reason, sandbox_id, expected.value))
+        return cur.rowcount == 1
 
     def delete(self, sandbox_id: str) -> None:
         with self._lock:

@@ -253,7 +253,8 @@ class TemplateStore:
                 raise NotFound(f"template '{name}' is not built; run: shoal template build {name}")
             point.mkdir(parents=True, exist_ok=True)
             try:
-                mounts.mount(info.image_path, point, "erofs", mounts.MS_RDONLY)
+                # nosuid, nodev: the image's setuid files (sudo) are sandbox root's, never the host's
+                mounts.mount(info.image_path, point, "erofs", mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV)
             except OSError as err:
                 raise RuntimeFailure(f"mounting template '{name}' failed: {err.strerror}",
                                      step="mount template") from err

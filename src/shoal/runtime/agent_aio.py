@@ -1,17 +1,42 @@
 """The host side of the agent protocol for asyncio (the daemon): same operations as
-``agent_client.AgentClient``, same error translation, no threads on the exec path."""
+``agent_client.AgentClient``, same error translation, no threads on the exec path.
+
+The agent is sandbox code as far as the host is concerned (sandbox root can stop it, or take its
+socket and answer in its place), so every frame length is checked before anything is allocated
+and every wait for an answer is bounded: connecting and the first reply within ``AGENT_TIMEOUT``
+(a distinct ``AgentUnavailable``, HTTP 503), one-reply calls within ``CALL_TIMEOUT``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
 
 from shoal.agent import protocol as p
-from shoal.errors import NotFound, RuntimeFailure
-from shoal.runtime.agent_client import ExecResult, check
+from shoal.errors import AgentUnavailable, NotFound, RuntimeFailure
+from shoal.runtime.agent_client import AGENT_TIMEOUT, CALL_TIMEOUT, ExecResult, check, frame_limit
+from shoal.runtime.output_budget import CappedOutput, max_output
+
+__all__ = ["AGENT_TIMEOUT", "CALL_TIMEOUT", "AsyncAgentClient", "AsyncAgentConnection", "AsyncProcessStream"]
 
 _NAMES = {p.STDOUT: "stdout", p.STDERR: "stderr", p.PTY: "pty"}
-STREAM_LIMIT = 4 * 1024 * 1024
+#: Bytes a connection's reader buffers before it stops reading the socket (twice this, by asyncio's rule).
+STREAM_LIMIT = 1024 * 1024
+
+
+@asynccontextmanager
+async def bounded(seconds: float | None, sandbox_id: str, what: str) -> AsyncIterator[None]:
+    """Fail with ``AgentUnavailable`` if the block takes longer than ``seconds`` (None: no bound)."""
+    if seconds is None:
+        yield
+        return
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError as exc:
+        raise AgentUnavailable(f"the sandbox agent did not {what} within {seconds:g} s (stopped or overloaded?)",
+                               sandbox_id=sandbox_id) from exc
 
 
 class AsyncAgentConnection:
@@ -21,7 +46,8 @@ class AsyncAgentConnection:
     @classmethod
     async def open(cls, path: str, sandbox_id: str) -> AsyncAgentConnection:
         try:
-            reader, writer = await asyncio.open_unix_connection(path, limit=STREAM_LIMIT)
+            async with bounded(AGENT_TIMEOUT, sandbox_id, "accept the connection"):
+                reader, writer = await asyncio.open_unix_connection(path, limit=STREAM_LIMIT)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise NotFound(f"sandbox {sandbox_id} is not running (no agent)") from exc
         except OSError as exc:
@@ -40,8 +66,9 @@ class AsyncAgentConnection:
         try:
             head = await self.reader.readexactly(p.HEADER_SIZE)
             kind, length = p.unpack_header(head)
-            if length > p.MAX_FRAME:
-                raise RuntimeFailure("oversized frame from the sandbox agent", sandbox_id=self.sandbox_id)
+            if length > frame_limit(kind):  # refused before a byte of it is read or allocated
+                raise RuntimeFailure(f"oversized frame ({length} bytes, kind {kind}) from the sandbox agent",
+                                     sandbox_id=self.sandbox_id)
             return kind, await self.reader.readexactly(length)
         except asyncio.IncompleteReadError as exc:
             raise RuntimeFailure("the sandbox agent closed the connection (sandbox stopped?)",
@@ -54,7 +81,16 @@ class AsyncAgentConnection:
         kind, payload = await self.read()
         if kind != p.MSG:
             raise RuntimeFailure(f"unexpected frame kind {kind} from the agent", sandbox_id=self.sandbox_id)
-        return check(p.loads(payload))
+        try:
+            return check(p.loads(payload))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise RuntimeFailure("malformed reply from the sandbox agent", sandbox_id=self.sandbox_id) from exc
+
+    async def handshake(self, request: dict) -> dict:
+        """Send ``request`` and read its first reply, within ``AGENT_TIMEOUT``."""
+        async with bounded(AGENT_TIMEOUT, self.sandbox_id, "answer"):
+            await self.send(request)
+            return await self.read_msg()
 
     def close(self) -> None:
         self.writer.close()
@@ -71,7 +107,11 @@ class AsyncProcessStream:
         while self.end is None:
             kind, payload = await self.conn.read()
             if kind == p.MSG:
-                msg = check(p.loads(payload))
+                try:
+                    msg = check(p.loads(payload))
+                except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                    raise RuntimeFailure("malformed event from the sandbox agent",
+                                         sandbox_id=self.conn.sandbox_id) from exc
                 if msg.get("event") == "end":
                     self.end = msg
                     yield "end", msg
@@ -86,17 +126,31 @@ class AsyncProcessStream:
         if self.end is None:
             await self.conn.send(msg)
 
-    async def wait(self) -> ExecResult:
-        out, err = bytearray(), bytearray()
-        async for kind, data in self.events():
-            if kind in ("stdout", "pty"):
-                out += data  # type: ignore[operator]
-            elif kind == "stderr":
-                err += data  # type: ignore[operator]
+    async def wait(self, out: CappedOutput | None = None, err: CappedOutput | None = None) -> ExecResult:
+        """Collect output until the process ends, keeping what ``out``/``err`` allow (default: the
+        per-call cap, ``max_output()``, each) and draining the rest; the result says what was cut.
+        The kept bytes are the collectors' own buffers (not copied): release them after use."""
+        if out is None or err is None:
+            cap = max_output()
+            out, err = out or CappedOutput(cap), err or CappedOutput(cap)
+        try:
+            async for kind, data in self.events():
+                if kind in ("stdout", "pty"):
+                    out.add(data)  # type: ignore[arg-type]
+                elif kind == "stderr":
+                    err.add(data)  # type: ignore[arg-type]
+        finally:
+            self.close()
         assert self.end is not None
-        self.close()
-        return ExecResult(exit_code=int(self.end["exit_code"]), stdout_bytes=bytes(out), stderr_bytes=bytes(err),
-                          signal=self.end.get("signal"), timed_out=bool(self.end.get("timed_out")), pid=self.pid)
+        try:
+            exit_code = int(self.end["exit_code"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RuntimeFailure("malformed end event from the sandbox agent", sandbox_id=self.conn.sandbox_id) from exc
+        signal = self.end.get("signal")
+        return ExecResult(exit_code=exit_code, stdout_bytes=out.data, stderr_bytes=err.data,  # type: ignore[arg-type]
+                          signal=signal if isinstance(signal, int) else None,
+                          timed_out=bool(self.end.get("timed_out")), pid=self.pid,
+                          stdout_truncated=out.truncated, stderr_truncated=err.truncated)
 
     def close(self) -> None:
         self.conn.close()
@@ -110,10 +164,12 @@ class AsyncAgentClient:
         return await AsyncAgentConnection.open(self.socket_path, self.sandbox_id)
 
     async def call(self, request: dict) -> dict:
+        """A one-reply operation, answered within ``CALL_TIMEOUT`` (file operations may take a while)."""
         conn = await self.connect()
         try:
-            await conn.send(request)
-            return await conn.read_msg()
+            async with bounded(CALL_TIMEOUT, self.sandbox_id, "answer"):
+                await conn.send(request)
+                return await conn.read_msg()
         finally:
             conn.close()
 
@@ -121,9 +177,8 @@ class AsyncAgentClient:
         """``request`` is a ``process.start`` body (cmd, env, cwd, user, timeout, stdin, pty, tag)."""
         conn = await self.connect()
         try:
-            await conn.send({**request, "op": "process.start"})
-            first = await conn.read_msg()
-            return AsyncProcessStream(conn, int(first["pid"]))
+            first = await conn.handshake({**request, "op": "process.start"})
+            return AsyncProcessStream(conn, _pid(first, self.sandbox_id))
         except BaseException:
             conn.close()
             raise
@@ -131,9 +186,8 @@ class AsyncAgentClient:
     async def connect_process(self, pid: int | None = None, tag: str | None = None) -> AsyncProcessStream:
         conn = await self.connect()
         try:
-            await conn.send({"op": "process.connect", "pid": pid, "tag": tag})
-            first = await conn.read_msg()
-            return AsyncProcessStream(conn, int(first["pid"]))
+            first = await conn.handshake({"op": "process.connect", "pid": pid, "tag": tag})
+            return AsyncProcessStream(conn, _pid(first, self.sandbox_id))
         except BaseException:
             conn.close()
             raise
@@ -142,8 +196,7 @@ class AsyncAgentClient:
         """A raw byte stream to ``host:port`` inside the sandbox (relayed by the agent)."""
         conn = await self.connect()
         try:
-            await conn.send({"op": "port.connect", "port": port, "host": host})
-            await conn.read_msg()
+            await conn.handshake({"op": "port.connect", "port": port, "host": host})
         except BaseException:
             conn.close()
             raise
@@ -153,8 +206,7 @@ class AsyncAgentClient:
         """The file's entry, and its contents as chunks (errors surface before the first chunk)."""
         conn = await self.connect()
         try:
-            await conn.send({"op": "file.read", "path": path, "user": user})
-            head = await conn.read_msg()
+            head = await conn.handshake({"op": "file.read", "path": path, "user": user})
         except BaseException:
             conn.close()
             raise
@@ -196,9 +248,8 @@ class AsyncAgentClient:
                     include_entry: bool = False) -> AsyncIterator[dict]:
         conn = await self.connect()
         try:
-            await conn.send({"op": "file.watch", "path": path, "recursive": recursive, "user": user,
-                             "include_entry": include_entry})
-            await conn.read_msg()
+            await conn.handshake({"op": "file.watch", "path": path, "recursive": recursive, "user": user,
+                                  "include_entry": include_entry})
         except BaseException:
             conn.close()
             raise
@@ -213,3 +264,10 @@ class AsyncAgentClient:
             finally:
                 conn.close()
         return events()
+
+
+def _pid(first: dict, sandbox_id: str) -> int:
+    pid = first.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise RuntimeFailure("malformed reply from the sandbox agent (no pid)", sandbox_id=sandbox_id)
+    return pid

@@ -3,10 +3,16 @@
 One connection per operation keeps the agent stateless between calls and lets any number of
 host threads (or processes: the CLI) talk to one sandbox at once. Connecting costs ~20 µs.
 Every error frame is turned into a ``shoal.errors`` exception here and nowhere else.
+
+The agent is sandbox code as far as the host is concerned: frame lengths are checked per kind
+before anything is read (output and file data come in pieces of at most 1 MiB), and connecting
+plus the first reply are bounded by ``AGENT_TIMEOUT`` (``SHOAL_AGENT_TIMEOUT``, 10 s), a one-reply
+call by ``CALL_TIMEOUT`` (``SHOAL_AGENT_CALL_TIMEOUT``, 60 s); running out raises ``AgentUnavailable``.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -14,21 +20,61 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from shoal.agent import protocol as p
-from shoal.errors import NotFound, RuntimeFailure, ShoalError, from_agent_error
+from shoal.errors import AgentUnavailable, NotFound, RuntimeFailure, ShoalError, from_agent_error
 
 OutputCallback = Callable[[bytes], None]
 
 
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    value = float(raw) if raw else default
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds")
+    return value
+
+
+#: Seconds the agent has to accept a connection and send its first reply (process started, file opened).
+AGENT_TIMEOUT = _env_seconds("SHOAL_AGENT_TIMEOUT", 10.0)
+#: Seconds a one-reply operation may take (a recursive remove or listing of a big tree is slow).
+CALL_TIMEOUT = _env_seconds("SHOAL_AGENT_CALL_TIMEOUT", 60.0)
+#: The largest output or file-data frame the host accepts; the agent sends at most 1 MiB at a time.
+MAX_DATA_FRAME = 1024 * 1024
+
+
+def frame_limit(kind: int) -> int:
+    """The largest frame of ``kind`` the host accepts from the agent: replies may be big (a listing),
+    process output and file data come in bounded pieces."""
+    return p.MAX_FRAME if kind == p.MSG else MAX_DATA_FRAME
+
+
+class HostFrameReader(p.FrameReader):
+    """``FrameReader`` that refuses a frame by its header, per kind, before buffering any of it."""
+
+    def read(self) -> tuple[int, bytes] | None:
+        if self._fill(p.HEADER_SIZE):
+            kind, length = p.unpack_header(bytes(self._buf[:p.HEADER_SIZE]))
+            if length > frame_limit(kind):
+                raise ConnectionError(f"oversized frame ({length} bytes, kind {kind}) from the sandbox agent")
+        return super().read()
+
+
 @dataclass
 class ExecResult:
-    """What a finished command left behind. ``stdout``/``stderr`` are the raw bytes."""
+    """What a finished command left behind. ``stdout``/``stderr`` are the raw bytes (a prefix, if
+    ``*_truncated``: the host keeps a bounded amount; streaming gets everything)."""
 
     exit_code: int
-    stdout_bytes: bytes = b""
-    stderr_bytes: bytes = b""
+    stdout_bytes: bytes | bytearray = b""
+    stderr_bytes: bytes | bytearray = b""
     signal: int | None = None
     timed_out: bool = False
     pid: int = 0
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    @property
+    def truncated(self) -> bool:
+        return self.stdout_truncated or self.stderr_truncated
 
     @property
     def stdout(self) -> str:
@@ -61,10 +107,15 @@ class AgentConnection:
 
     def __init__(self, path: str, timeout: float | None = None, sandbox_id: str = "") -> None:
         self.sandbox_id = sandbox_id
+        self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(AGENT_TIMEOUT if timeout is None else min(timeout, AGENT_TIMEOUT))
         try:
             self.sock.connect(path)
+        except TimeoutError as exc:
+            self.sock.close()
+            raise AgentUnavailable("the sandbox agent did not accept the connection in time (stopped or overloaded?)",
+                                   sandbox_id=sandbox_id) from exc
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             self.sock.close()
             raise NotFound(f"sandbox {sandbox_id or path} is not running (no agent)") from exc
@@ -72,7 +123,13 @@ class AgentConnection:
             self.sock.close()
             raise RuntimeFailure(f"cannot reach the sandbox agent: {exc.strerror or exc}",
                                  sandbox_id=sandbox_id) from exc
-        self.reader = p.FrameReader(self.sock)
+        # Until the first reply, the handshake bound applies; after it, the caller's own timeout.
+        self.sock.settimeout(AGENT_TIMEOUT if timeout is None else timeout)
+        self.reader = HostFrameReader(self.sock)
+
+    def handshake_done(self) -> None:
+        """The agent answered: from now on waits are the caller's (a process may be silent for hours)."""
+        self.sock.settimeout(self.timeout)
 
     def send(self, obj: dict) -> None:
         self._send(p.message(obj))
@@ -83,6 +140,8 @@ class AgentConnection:
     def _send(self, data: bytes) -> None:
         try:
             self.sock.sendall(data)
+        except TimeoutError as exc:
+            raise self._unavailable() from exc
         except OSError as exc:
             # The agent closed on us; it may have said why before it did (e.g. out of processes).
             try:
@@ -95,6 +154,8 @@ class AgentConnection:
     def read(self) -> tuple[int, bytes]:
         try:
             got = self.reader.read()
+        except TimeoutError as exc:
+            raise self._unavailable() from exc
         except (OSError, ConnectionError) as exc:
             raise RuntimeFailure(f"lost the connection to the sandbox agent: {exc}",
                                  sandbox_id=self.sandbox_id) from exc
@@ -108,7 +169,14 @@ class AgentConnection:
         kind, payload = self.read()
         if kind != p.MSG:
             raise RuntimeFailure(f"unexpected frame kind {kind} from the agent", sandbox_id=self.sandbox_id)
-        return check(p.loads(payload))
+        try:
+            return check(p.loads(payload))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise RuntimeFailure("malformed reply from the sandbox agent", sandbox_id=self.sandbox_id) from exc
+
+    def _unavailable(self) -> AgentUnavailable:
+        return AgentUnavailable("the sandbox agent did not answer in time (stopped or overloaded?)",
+                                sandbox_id=self.sandbox_id)
 
     def close(self) -> None:
         self.sock.close()
@@ -135,14 +203,22 @@ class ProcessStream:
     def __init__(self, conn: AgentConnection) -> None:
         self.conn = conn
         first = conn.read_msg()
-        self.pid = int(first["pid"])
+        conn.handshake_done()
+        pid = first.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise RuntimeFailure("malformed reply from the sandbox agent (no pid)", sandbox_id=conn.sandbox_id)
+        self.pid = pid
         self.result: ExecResult | None = None
 
     def __iter__(self) -> Iterator[ProcessEvent]:
         while self.result is None:
             kind, payload = self.conn.read()
             if kind == p.MSG:
-                msg = check(p.loads(payload))
+                try:
+                    msg = check(p.loads(payload))
+                except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                    raise RuntimeFailure("malformed event from the sandbox agent",
+                                         sandbox_id=self.conn.sandbox_id) from exc
                 if msg.get("event") == "end":
                     self.result = ExecResult(exit_code=int(msg["exit_code"]), signal=msg.get("signal"),
                                              timed_out=bool(msg.get("timed_out")), pid=self.pid)
@@ -208,9 +284,9 @@ class AgentClient:
     def connect(self, timeout: float | None = None) -> AgentConnection:
         return AgentConnection(self.socket_path, timeout, self.sandbox_id)
 
-    def call(self, request: dict, timeout: float | None = 60.0) -> dict:
-        """A one-reply operation."""
-        with self.connect(timeout) as conn:
+    def call(self, request: dict, timeout: float | None = None) -> dict:
+        """A one-reply operation, answered within ``timeout`` (default ``CALL_TIMEOUT``)."""
+        with self.connect(CALL_TIMEOUT if timeout is None else timeout) as conn:
             conn.send(request)
             return conn.read_msg()
 
@@ -301,6 +377,7 @@ class AgentClient:
         try:
             conn.send({"op": "file.read", "path": path, "user": user})
             conn.read_msg()
+            conn.handshake_done()
         except BaseException:
             conn.close()
             raise
@@ -324,7 +401,7 @@ class AgentClient:
         """Write (atomically replace, unless ``append``) a file from bytes or an iterable of chunks."""
         chunks: Iterable[bytes] = (data[i:i + p.CHUNK * 4] for i in range(0, len(data), p.CHUNK * 4)) \
             if isinstance(data, (bytes, bytearray, memoryview)) else data
-        with self.connect() as conn:
+        with self.connect(CALL_TIMEOUT) as conn:
             conn.send({"op": "file.write", "path": path, "user": user, "mode": mode, "append": append})
             try:
                 for chunk in chunks:
@@ -363,6 +440,7 @@ class AgentClient:
         try:
             conn.send({"op": "file.watch", "path": path, "recursive": recursive, "user": user})
             conn.read_msg()
+            conn.handshake_done()
         except BaseException:
             conn.close()
             raise

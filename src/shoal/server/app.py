@@ -16,6 +16,7 @@ from shoal import __version__
 from shoal.engine import Engine
 from shoal.server import errors
 from shoal.server.fastpath import ExecFastPath
+from shoal.server.gate import Gate
 from shoal.server.metrics import Metrics
 from shoal.server.routes import files, processes, pty, sandboxes, system
 
@@ -24,13 +25,15 @@ REAPER_INTERVAL = 1.0
 
 
 async def _reaper(engine: Engine) -> None:
-    """Delete expired sandboxes, once a second."""
+    """Once a second: delete expired sandboxes, and fail those whose agent died (``Engine.check_health``)."""
     while True:
         await asyncio.sleep(REAPER_INTERVAL)
         try:
             gone = await run_in_threadpool(engine.expire)
             for sid in gone:
                 log.info("sandbox expired", extra={"sandbox": sid})
+            for sid in await run_in_threadpool(engine.check_health):
+                log.warning("sandbox agent died", extra={"sandbox": sid})
         except Exception:  # noqa: BLE001 - the reaper must outlive any single failure
             log.exception("reaper failed")
 
@@ -53,9 +56,10 @@ def create_app(engine: Engine) -> FastAPI:
                   description="Sandboxes for AI agents: native REST API. Authenticate with "
                               "`Authorization: Bearer <key>` (see `shoal keys create`).")
     app.state.engine = engine
+    app.state.gate = Gate(engine)  # the only way from (sandbox, credential) to an agent: server/gate.py
     app.state.metrics = Metrics(engine)
     errors.install(app)
-    app.add_middleware(ExecFastPath, engine=engine, metrics=app.state.metrics)
+    app.add_middleware(ExecFastPath, gate=app.state.gate, metrics=app.state.metrics)
     for module in (system, sandboxes, processes, files, pty):
         app.include_router(module.router)
     from shoal.server.e2b import control as e2b_control
@@ -86,5 +90,6 @@ def create_asgi(engine: Engine):  # noqa: ANN201
     if any(opts.get(r.id).get("autoPause") for r in existing):
         AutoPause.of(engine).ensure()
     engine.subscribe(lambda ev: opts.drop(ev["sandbox"]["id"]) if ev.get("type") == "deleted" else None)
-    envd = EnvdApp(engine)
-    return SandboxRouting(SignedFiles(app, envd), envd, interpreter_app(engine), PortProxy(engine))
+    gate = app.state.gate
+    envd = EnvdApp(gate)
+    return SandboxRouting(SignedFiles(app, envd), envd, interpreter_app(gate), PortProxy(gate))

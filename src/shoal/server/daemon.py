@@ -1,4 +1,10 @@
-"""``shoal serve``: start-up (reconcile, local key), serve, shutdown."""
+"""``shoal serve``: start-up (reconcile, local key, limits), serve, shutdown.
+
+Limits (environment): ``SHOAL_MAX_CONNECTIONS`` (4096), ``SHOAL_HEADER_TIMEOUT`` (10 s), see
+``connections.py``; ``SHOAL_EXEC_MAX_OUTPUT`` (16 MiB), ``SHOAL_EXEC_OUTPUT_BUDGET`` (256 MiB), see
+``runtime/output_budget.py``; ``SHOAL_AGENT_TIMEOUT`` (10 s), ``SHOAL_AGENT_CALL_TIMEOUT`` (60 s), see
+``runtime/agent_client.py``.
+"""
 
 from __future__ import annotations
 
@@ -44,15 +50,19 @@ def local_key_path(settings: Settings) -> Path:
 
 
 def ensure_local_key(engine: Engine) -> str:
-    """The key the local CLI uses (root-only file): made on first start, kept while valid."""
+    """The key the local CLI uses (root-only file): made on first start, kept while valid. It is an
+    admin key (operator-wide metrics): whoever can read it is root on this host anyway."""
     path = local_key_path(engine.settings)
     try:
         key = path.read_text().strip()
-        if engine.keys.verify(key) is not None:
+        found = engine.keys.verify(key)
+        if found is not None:
+            if not found.admin:  # made before keys had the flag
+                engine.keys.set_admin(found.id)
             return key
     except OSError:
         pass
-    _, key = engine.keys.create(name="local")
+    _, key = engine.keys.create(name="local", admin=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
@@ -69,6 +79,9 @@ class DaemonConfig:
 def serve(config: DaemonConfig, settings: Settings | None = None) -> None:
     import uvicorn
 
+    from shoal.runtime.agent_client import AGENT_TIMEOUT
+    from shoal.runtime.output_budget import BUDGET, max_output
+    from shoal.server import connections
     from shoal.server.app import create_asgi
 
     configure_logging(config.log_level)
@@ -81,8 +94,14 @@ def serve(config: DaemonConfig, settings: Settings | None = None) -> None:
     log.info("reconciled", extra={"cleaned": cleaned, "reattached": kept,
                                   "ms": round((time.perf_counter() - started) * 1000, 1)})
     app = create_asgi(engine)
+    # Hostile clients: enough fds to serve, a bounded number of connections, a deadline for headers.
+    fd_limit = connections.raise_fd_limit()
+    guard = connections.ConnectionGuard(connections.max_connections(fd_limit), connections.header_timeout())
+    log.info("limits", extra={"fd_limit": fd_limit, "max_connections": guard.max_connections,
+                              "header_timeout_s": guard.header_timeout, "exec_max_output": max_output(),
+                              "exec_output_budget": BUDGET.total, "agent_timeout_s": AGENT_TIMEOUT})
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
-                        loop="uvloop", http="httptools", ws="websockets", timeout_graceful_shutdown=5,
-                        log_level=config.log_level)
+                        loop="uvloop", http=connections.protocol_class(guard), ws="websockets",
+                        timeout_graceful_shutdown=5, timeout_keep_alive=5, log_level=config.log_level)
     log.info("serving", extra={"url": f"http://{config.host}:{config.port}"})
     uvicorn.Server(uv).run()

@@ -28,7 +28,10 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ShoalError)
-    async def shoal_error(_request: Request, exc: ShoalError) -> JSONResponse:
+    async def shoal_error(request: Request, exc: ShoalError) -> JSONResponse:
+        sandbox_id = request.path_params.get("sandbox_id")
+        if sandbox_id and getattr(request.app.state, "gate", None) is not None:
+            exc = request.app.state.gate.explain(sandbox_id, exc)
         headers = {"Retry-After": "1"} if isinstance(exc, (CapacityExceeded, QuotaExceeded)) else None
         if exc.status >= 500:
             log.warning("request failed: %s", exc.message)

@@ -5,6 +5,7 @@ A plain exec is what agents do most, and FastAPI's routing plus dependency solvi
 exactly the non-streamed, foreground exec with the same validation (the pydantic model), the
 same auth, the same errors and the same JSON as the FastAPI route (which still serves every
 other variant and documents the endpoint in OpenAPI); anything else passes through untouched.
+How the output is bounded, encoded and abandoned is ``plain_exec.py``, shared with that route.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import time
 
 from pydantic import ValidationError
 
-from shoal.engine import SandboxState
-from shoal.errors import InvalidTransition, ShoalError
-from shoal.runtime.agent_aio import AsyncAgentClient
+from shoal.errors import ShoalError
 from shoal.server.auth import key_from_headers
 from shoal.server.models import ExecRequest
+from shoal.server.plain_exec import PlainExec, send_result
 from shoal.server.routes.processes import _start_request
 
 _EXEC = re.compile(r"^/v1/sandboxes/([^/]+)/exec$")
@@ -33,8 +33,8 @@ class _Headers(dict):
 
 
 class ExecFastPath:
-    def __init__(self, app, engine, metrics) -> None:  # noqa: ANN001
-        self.app, self.engine, self.metrics = app, engine, metrics
+    def __init__(self, app, gate, metrics) -> None:  # noqa: ANN001
+        self.app, self.gate, self.engine, self.metrics = app, gate, gate.engine, metrics
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -61,24 +61,23 @@ class ExecFastPath:
         if req.stream or req.background or req.stdin_open:
             return await self._replay(scope, body, receive, send)
         started = time.perf_counter()
+        job = PlainExec()
         try:
             headers = _Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers)
             key = key_from_headers(headers, self.engine)
             sandbox_id = match.group(1)
-            rec = self.engine.get(sandbox_id, key)
-            if rec.state is not SandboxState.RUNNING:
-                raise InvalidTransition(rec.state.value, "use", sandbox_id)
-            agent = AsyncAgentClient(str(self.engine.runtime.agent_socket(sandbox_id)), sandbox_id)
-            stream = await agent.start(_start_request(req))
-            if req.stdin is not None:
-                await stream.send_stdin(req.stdin.encode())
-                await stream.control({"op": "close_stdin"})
-            result = await stream.wait()
+            agent = self.gate.agent(sandbox_id, key)
+            stdin = req.stdin.encode() if req.stdin is not None else None
+            result = await job.run(agent, _start_request(req), stdin, stdin is not None, receive)
+            if result is None:  # the caller went away; its agent connection is closed already
+                return None
+            self.metrics.exec_seconds.observe(time.perf_counter() - started)
+            await send_result(send, result)
         except ShoalError as exc:
+            exc = self.gate.explain(match.group(1), exc)
             return await _reply(send, exc.status, exc.to_dict())
-        self.metrics.exec_seconds.observe(time.perf_counter() - started)
-        await _reply(send, 200, {"pid": result.pid, "exit_code": result.exit_code, "signal": result.signal,
-                                 "timed_out": result.timed_out, "stdout": result.stdout, "stderr": result.stderr})
+        finally:
+            job.release()
 
     async def _replay(self, scope, body: bytes, receive, send) -> None:  # noqa: ANN001
         """Hand the request on with the body we already read; later receives (disconnect

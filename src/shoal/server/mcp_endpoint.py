@@ -35,12 +35,15 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shoal import __version__
-from shoal.engine import Engine, SandboxState
+from shoal.engine import Engine
 from shoal.engine.keys import ApiKey
-from shoal.errors import InvalidRequest, InvalidTransition, ShoalError, Unauthorized
-from shoal.runtime.agent_aio import AsyncAgentClient
+from shoal.errors import InvalidRequest, ShoalError, Unauthorized
+from shoal.runtime import agent_aio
+from shoal.runtime.agent_aio import bounded
+from shoal.runtime.output_budget import BUDGET, CappedOutput
 from shoal.server.auth import key_from_headers
 from shoal.server.errors import error_response
+from shoal.server.gate import Gate
 from shoal.server.models import Entry, Sandbox
 
 log = logging.getLogger("shoal.mcp")
@@ -105,37 +108,13 @@ def _caller(ctx: Context, engine: Engine) -> ApiKey:
     return key if key is not None else key_from_headers(request.headers, engine)
 
 
-def _running_agent(engine: Engine, sandbox_id: str, key: ApiKey) -> AsyncAgentClient:
-    rec = engine.get(sandbox_id, key)
-    if rec.state is not SandboxState.RUNNING:
-        raise InvalidTransition(rec.state.value, "use", sandbox_id)
-    return AsyncAgentClient(str(engine.runtime.agent_socket(sandbox_id)), sandbox_id)
-
-
-class _Capped:
-    """Keeps the first ``limit`` bytes of a stream and counts the rest."""
-
-    def __init__(self, limit: int) -> None:
-        self.data, self.limit, self.truncated = bytearray(), limit, False
-
-    def add(self, chunk: bytes) -> None:
-        room = self.limit - len(self.data)
-        if len(chunk) > room:
-            self.truncated = True
-            chunk = chunk[:max(room, 0)]
-        self.data += chunk
-
-    def text(self) -> str:
-        return self.data.decode("utf-8", errors="replace")
-
-
 SandboxId = Annotated[str, Field(description="The sandbox's id, as returned by create_sandbox or list_sandboxes.")]
 SandboxPath = Annotated[str, Field(min_length=1, max_length=4096,
                                    description="Path inside the sandbox: absolute, or relative to /root.")]
 
 
-def build_server(engine: Engine) -> MCPServer:
-    """The MCP server and its tools, bound to ``engine``."""
+def build_server(engine: Engine, gate: Gate) -> MCPServer:
+    """The MCP server and its tools, bound to ``engine``; every sandbox use passes ``gate``."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     mcp = MCPServer("shoal", title="Shoal sandboxes", version=__version__, instructions=INSTRUCTIONS,
@@ -225,26 +204,32 @@ def build_server(engine: Engine) -> MCPServer:
             argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
             if not argv or not argv[0] or (isinstance(command, str) and not command.strip()):
                 raise InvalidRequest("command must not be empty")
-            agent = _running_agent(engine, sandbox_id, key)
+            agent = gate.agent(sandbox_id, key)
             req: dict[str, Any] = {"cmd": argv, "env": env or {}, "timeout": timeout}
             if cwd is not None:
                 req["cwd"] = cwd
             started = time.perf_counter()
             stream = await agent.start(req)
-            out, err = _Capped(MAX_OUTPUT_BYTES), _Capped(MAX_OUTPUT_BYTES)
+            # kept output counts against the daemon-wide budget; a stopped agent cannot hold the call forever
+            out, err = CappedOutput(MAX_OUTPUT_BYTES, BUDGET), CappedOutput(MAX_OUTPUT_BYTES, BUDGET)
             try:
-                async for kind, data in stream.events():
-                    if kind in ("stdout", "pty"):
-                        out.add(data)  # type: ignore[arg-type]
-                    elif kind == "stderr":
-                        err.add(data)  # type: ignore[arg-type]
+                async with bounded(timeout + agent_aio.AGENT_TIMEOUT, sandbox_id, "end the command after its timeout"):
+                    async for kind, data in stream.events():
+                        if kind in ("stdout", "pty"):
+                            out.add(data)  # type: ignore[arg-type]
+                        elif kind == "stderr":
+                            err.add(data)  # type: ignore[arg-type]
+                end = stream.end or {}
+                log.debug("command ran over MCP", extra={"sandbox": sandbox_id,
+                                                         "ms": round((time.perf_counter() - started) * 1000, 1)})
+                return CommandResult(exit_code=int(end.get("exit_code", -1)),
+                                     stdout=out.data.decode("utf-8", "replace"),
+                                     stderr=err.data.decode("utf-8", "replace"),
+                                     timed_out=bool(end.get("timed_out")), truncated=out.truncated or err.truncated)
             finally:
                 stream.close()
-            end = stream.end or {}
-            log.debug("command ran over MCP", extra={"sandbox": sandbox_id,
-                                                     "ms": round((time.perf_counter() - started) * 1000, 1)})
-            return CommandResult(exit_code=int(end.get("exit_code", -1)), stdout=out.text(), stderr=err.text(),
-                                 timed_out=bool(end.get("timed_out")), truncated=out.truncated or err.truncated)
+                out.release()
+                err.release()
 
     # Unstructured: the text is the result (structured output would send the contents twice).
     @mcp.tool(structured_output=False,
@@ -259,7 +244,7 @@ def build_server(engine: Engine) -> MCPServer:
         """
         with _tool_errors():
             key = _caller(ctx, engine)
-            agent = _running_agent(engine, sandbox_id, key)
+            agent = gate.agent(sandbox_id, key)
             entry, chunks = await agent.read_file(path)
             data = bytearray()
             try:
@@ -287,7 +272,7 @@ def build_server(engine: Engine) -> MCPServer:
         """
         with _tool_errors():
             key = _caller(ctx, engine)
-            agent = _running_agent(engine, sandbox_id, key)
+            agent = gate.agent(sandbox_id, key)
             return Entry(**(await agent.write_file(path, content.encode("utf-8"))))
 
     @mcp.tool(annotations=ToolAnnotations(title="List files", read_only_hint=True, open_world_hint=False))
@@ -306,7 +291,7 @@ def build_server(engine: Engine) -> MCPServer:
         """
         with _tool_errors():
             key = _caller(ctx, engine)
-            agent = _running_agent(engine, sandbox_id, key)
+            agent = gate.agent(sandbox_id, key)
             reply = await agent.call({"op": "file.list", "path": path, "depth": depth})
             return FileList(path=path, entries=[Entry(**e) for e in reply["entries"]])
 
@@ -334,7 +319,7 @@ class RequireApiKey:
 
 def mount(app: FastAPI, engine: Engine) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     """Serve MCP at ``/mcp`` of ``app``; returns the lifespan that runs the MCP session manager."""
-    server = build_server(engine)
+    server = build_server(engine, app.state.gate)
     # Stateless mode "terminates" a transport after every request, logging each one at INFO.
     logging.getLogger("mcp.server.streamable_http").setLevel(logging.WARNING)
     # Builds the session manager (the Starlette app it also returns is not used: the route is ours).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from shoal.engine.models import SandboxRecord
 
@@ -37,6 +37,34 @@ class SandboxCreate(Strict):
     timeout: int = Field(300, ge=1, le=7 * 24 * 3600, description="Seconds until the sandbox is deleted.")
     env: dict[Text, Text] = Field(default_factory=dict)
     metadata: dict[Text, Text] = Field(default_factory=dict)
+    public_traffic: bool = Field(False, description="Every port is reachable through the port proxy without "
+                                 "credentials. Default: only with the owner's key or the traffic token.")
+    public_ports: list[StrictInt] = Field(default_factory=list, max_length=64,
+                                          description="Ports reachable without credentials (the others stay private).")
+
+    @field_validator("public_ports")
+    @classmethod
+    def _ports(cls, value: list[int]) -> list[int]:
+        return _port_list(value)
+
+
+class NetworkUpdate(Strict):
+    """Which ports of a sandbox the port proxy serves without credentials (replaces the current setting)."""
+
+    public_traffic: bool = False
+    public_ports: list[StrictInt] = Field(default_factory=list, max_length=64)
+
+    @field_validator("public_ports")
+    @classmethod
+    def _ports(cls, value: list[int]) -> list[int]:
+        return _port_list(value)
+
+
+def _port_list(value: list[int]) -> list[int]:
+    for port in value:
+        if not 0 < port < 65536:
+            raise ValueError(f"invalid port {port}: must be 1-65535")
+    return sorted(set(value))
 
 
 class Sandbox(BaseModel):
@@ -49,6 +77,11 @@ class Sandbox(BaseModel):
     created_at: datetime
     expires_at: datetime | None
     metadata: dict[str, str]
+    public_traffic: bool = False
+    public_ports: list[int] = Field(default_factory=list)
+    traffic_access_token: str | None = Field(None, description="Opens the sandbox's private ports "
+                                             "(header e2b-traffic-access-token); shown to the owner only.")
+    reason: str | None = Field(None, description="Why the sandbox is in state error (e.g. its agent died).")
 
     @classmethod
     def of(cls, rec: SandboxRecord) -> Sandbox:
@@ -56,7 +89,7 @@ class Sandbox(BaseModel):
             return datetime.fromtimestamp(value, UTC) if value is not None else None
         return cls(id=rec.id, template=rec.template, state=rec.state.value, cpu=rec.cpu, memory_mb=rec.memory_mb,
                    disk_mb=rec.disk_mb, created_at=ts(rec.created_at), expires_at=ts(rec.expires_at),
-                   metadata=rec.metadata)
+                   metadata=rec.metadata, reason=rec.reason)
 
 
 class TimeoutUpdate(Strict):
@@ -86,6 +119,9 @@ class ExecResult(BaseModel):
     timed_out: bool = False
     stdout: str
     stderr: str
+    stdout_truncated: bool = Field(False, description="stdout is only the first SHOAL_EXEC_MAX_OUTPUT bytes "
+                                                      "(16 MiB by default; less under load): stream to get it all.")
+    stderr_truncated: bool = Field(False, description="The same for stderr.")
 
 
 class Started(BaseModel):

@@ -6,14 +6,12 @@ its own connection into the sandbox (``AsyncAgentClient.open_port``: a raw byte 
 the agent); the request is written in HTTP/1.1 and the answer parsed with h11, both streamed.
 WebSockets are relayed message by message (``websockets``' sans-I/O client on the same stream).
 
-Who may pass (see ``shoal.server.e2b.security``):
-
-* traffic routed by the ``E2b-Sandbox-Id`` header needs the sandbox's ``X-Access-Token`` or its
-  traffic token (``E2B-Traffic-Access-Token``);
-* traffic routed by ``Host: <port>-<id>.<domain>`` is public, as on E2B, unless the sandbox was
-  created with ``network.allowPublicTraffic = false``; then it needs the traffic token. A token
-  that is sent must be right either way. Public means: anyone who can reach the daemon's address
-  (loopback unless ``shoal serve --host`` says otherwise) and knows the sandbox id.
+Who may pass is ``shoal.server.port_access``'s call: the owner's API key, the sandbox's traffic
+or access token, or nothing at all for a port its owner made public. Public means: anyone who can
+reach the daemon's address (loopback unless ``shoal serve --host`` says otherwise) and knows the
+sandbox id. A refusal is 401/403 ``{"code": <status>, "message": ...}`` before any byte reaches the
+sandbox (for a WebSocket, the same as the HTTP answer to its handshake). The credentials are
+removed from what the service receives.
 
 Nothing listening on the port: 502 ``{"code": 502, "message": "... port is not open ..."}`` (the
 phrase the SDK looks for).
@@ -29,10 +27,10 @@ import urllib.parse
 
 import h11
 
-from shoal.engine import Engine, SandboxState
 from shoal.errors import NotFound, ShoalError
-from shoal.runtime.agent_aio import AsyncAgentClient
-from shoal.server.e2b.security import Options, Tokens, header
+from shoal.server.e2b.security import header, unavailable
+from shoal.server.gate import Gate, SandboxToken
+from shoal.server.port_access import PortAccess, api_key_header
 
 log = logging.getLogger("shoal.portproxy")
 READ_SIZE = 256 * 1024
@@ -48,55 +46,47 @@ async def _json(send, status: int, message: str) -> None:  # noqa: ANN001
     await send({"type": "http.response.body", "body": body})
 
 
+async def _refuse(scope: dict, send, exc: ShoalError) -> None:  # noqa: ANN001
+    """A 401/403 JSON answer; for a WebSocket as the answer to its handshake when the server can
+    (the ASGI denial-response extension), else a close code 4000+status."""
+    if scope["type"] != "websocket":
+        return await _json(send, exc.status, exc.message)
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        return await send({"type": "websocket.close", "code": 4000 + exc.status})
+    body = json.dumps({"code": exc.status, "message": exc.message}).encode()
+    await send({"type": "websocket.http.response.start", "status": exc.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
+def _forwarded(name: bytes, value: bytes) -> bool:
+    """Whether a client header may go on to the service: hop-by-hop headers, routing headers and
+    credentials (tokens, Shoal API keys) stay here."""
+    return name not in _HOP and name not in _PRIVATE and not api_key_header(name, value)
+
+
 class PortProxy:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.tokens = Tokens.of(engine.settings.state_dir)
-        opts = getattr(engine, "_e2b_options", None)
-        if opts is None:
-            opts = Options(engine.settings.state_dir)
-            engine._e2b_options = opts  # type: ignore[attr-defined]
-        self.options: Options = opts
-
-    def authorized(self, scope: dict) -> bool:
-        sid = scope["shoal.sandbox_id"]
-        access = header(scope, b"x-access-token")
-        traffic = header(scope, b"e2b-traffic-access-token")
-        if access is not None or traffic is not None:
-            return self.tokens.check_envd(sid, access) or self.tokens.check_traffic(sid, traffic)
-        if header(scope, b"e2b-sandbox-id") is not None:
-            return False
-        return bool(self.options.get(sid).get("public", True))
-
-    def unavailable(self, sid: str) -> str | None:
-        try:
-            rec = self.engine.get(sid)
-        except NotFound:
-            return f"The sandbox {sid} was not found"
-        if rec.state is not SandboxState.RUNNING:
-            return f"The sandbox {sid} was not found: it is {rec.state.value}"
-        return None
+    def __init__(self, gate: Gate) -> None:
+        self.gate, self.engine = gate, gate.engine
+        self.access = PortAccess(gate.engine)
 
     async def __call__(self, scope: dict, receive, send) -> None:  # noqa: ANN001
         sid, port = scope["shoal.sandbox_id"], scope["shoal.port"]
         ws = scope["type"] == "websocket"
-        if not self.authorized(scope):
-            if ws:
-                await send({"type": "websocket.close", "code": 4401})
-            else:
-                await _json(send, 401, "this sandbox port needs the sandbox's access token")
-            return
+        try:
+            self.access.check(scope)
+        except ShoalError as exc:
+            return await _refuse(scope, send, exc)
         if not 0 < port < 65536:
             if ws:
                 await send({"type": "websocket.close", "code": 4400})
             else:
                 await _json(send, 400, f"invalid port {port}")
             return
-        problem = self.unavailable(sid)
+        problem = unavailable(self.gate, sid)  # access was decided above: owner, token or public
         if problem is None:
             try:
-                agent = AsyncAgentClient(str(self.engine.runtime.agent_socket(sid)), sid)
-                reader, writer = await agent.open_port(port)
+                reader, writer = await self.gate.agent(sid, SandboxToken(sid)).open_port(port)
             except NotFound:
                 problem = f"The sandbox {sid} is running but port is not open: nothing listens on port {port}"
             except ShoalError as exc:
@@ -125,9 +115,8 @@ class PortProxy:
                 has_length = True
             elif name == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
-            if name in _HOP or name in _PRIVATE:
-                continue
-            headers.append((name, value))
+            if _forwarded(name, value):
+                headers.append((name, value))
         if chunked and not has_length:
             headers.append((b"transfer-encoding", b"chunked"))
         client = scope.get("client")
@@ -234,7 +223,7 @@ class PortProxy:
         request = proto.connect()
         for name, value in scope["headers"]:
             lname = name.decode("latin-1")
-            if name in _PRIVATE or name in _HOP or lname.startswith("sec-websocket-") or name == b"host":
+            if not _forwarded(name, value) or lname.startswith("sec-websocket-") or name == b"host":
                 continue
             request.headers[lname] = value.decode("latin-1")
         host = header(scope, b"host")

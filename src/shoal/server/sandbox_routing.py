@@ -6,7 +6,9 @@
 * ``Host: <port>-<id>.<domain>`` (what ``get_host(port)`` returns): proxied to the port.
 
 The sub-apps find the target in ``scope["shoal.sandbox_id"]`` and ``scope["shoal.port"]``.
-Everything else goes to the daemon's own app unchanged.
+Everything else goes to the daemon's own app unchanged. Routing decides nothing about access:
+each sub-app checks its own credentials (envd and the interpreter the sandbox's tokens, the port
+proxy ``shoal.server.port_access``), so no path reaches a sandbox unchecked.
 """
 
 from __future__ import annotations

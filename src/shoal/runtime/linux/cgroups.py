@@ -65,7 +65,7 @@ def _read_int(path: Path) -> int | None:
 
 
 def usage(name: str) -> dict[str, int | None]:
-    """Memory in bytes, CPU time in microseconds, and the number of tasks of a sandbox."""
+    """Memory in bytes, CPU time in microseconds, the number of tasks and of OOM kills of a sandbox."""
     if mode() == "v2":
         d = _controller_dir("", name)
         cpu = None
@@ -76,11 +76,25 @@ def usage(name: str) -> dict[str, int | None]:
         except OSError:
             pass
         return {"memory_bytes": _read_int(d / "memory.current"), "cpu_usec": cpu,
-                "pids": _read_int(d / "pids.current")}
+                "pids": _read_int(d / "pids.current"), "oom_kills": _read_key(d / "memory.events", "oom_kill")}
     ns = _read_int(_controller_dir("cpuacct", name) / "cpuacct.usage")
-    return {"memory_bytes": _read_int(_controller_dir("memory", name) / "memory.usage_in_bytes"),
+    memory = _controller_dir("memory", name)
+    return {"memory_bytes": _read_int(memory / "memory.usage_in_bytes"),
             "cpu_usec": ns // 1000 if ns is not None else None,
-            "pids": _read_int(_controller_dir("pids", name) / "pids.current")}
+            "pids": _read_int(_controller_dir("pids", name) / "pids.current"),
+            "oom_kills": _read_key(memory / "memory.oom_control", "oom_kill")}
+
+
+def _read_key(path: Path, key: str) -> int | None:
+    """The value of ``key`` in a flat keyed file (``memory.events``, ``memory.oom_control``)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def pids(name: str) -> list[int]:

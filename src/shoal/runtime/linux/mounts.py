@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import threading
 from pathlib import Path
 
 MS_RDONLY = 1
@@ -19,10 +20,12 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
+CLONE_FS = 0x00000200
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
 
 
 def mount(source: str | os.PathLike, target: str | os.PathLike, fstype: str, flags: int = 0,
@@ -33,6 +36,40 @@ def mount(source: str | os.PathLike, target: str | os.PathLike, fstype: str, fla
     if rc != 0:
         no = ctypes.get_errno()
         raise OSError(no, f"mount {fstype} on {target}: {os.strerror(no)}")
+
+
+def mount_overlay(target: Path, lower: Path, upper: Path, work: Path, cwd: Path) -> None:
+    """Mount an overlay whose options name its layers relative to ``cwd``.
+
+    The options are what ``/proc/self/mountinfo`` shows, inside the sandbox too: absolute paths would
+    tell sandbox code where the host keeps its state. The kernel resolves relative layer paths
+    against the caller's working directory, which is process-wide: the mount runs in a short thread
+    that first takes a private copy of it (``unshare(CLONE_FS)``), so no other thread of the daemon
+    ever sees a changed directory.
+    """
+    rel = {name: os.path.relpath(path, cwd) for name, path in
+           (("lowerdir", lower), ("upperdir", upper), ("workdir", work))}
+    for value in rel.values():
+        if any(c in value for c in ",:\\"):  # the option syntax's own separators
+            raise OSError(errno.EINVAL, f"overlay layer path {value!r} cannot be named in mount options")
+    data = ",".join(f"{k}={v}" for k, v in rel.items())
+    box: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if _libc.unshare(CLONE_FS) != 0:
+                no = ctypes.get_errno()
+                raise OSError(no, f"unshare(CLONE_FS): {os.strerror(no)}")
+            os.chdir(cwd)
+            mount("overlay", os.path.relpath(target, cwd), "overlay", 0, data)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            box.append(exc)
+
+    thread = threading.Thread(target=run, name="shoal-overlay-mount")
+    thread.start()
+    thread.join()
+    if box:
+        raise box[0]
 
 
 def umount(target: str | os.PathLike, lazy: bool = False, strict: bool = False) -> bool:

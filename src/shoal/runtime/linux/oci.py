@@ -2,8 +2,13 @@
 
 Read top to bottom, this is the security model: a user namespace mapping sandbox root to an
 unprivileged host range; its own pid, mount, uts, ipc, net and cgroup namespaces; cgroup limits;
-the default seccomp profile; no_new_privs; a reduced capability set; masked and read-only
-``/proc`` and ``/sys``; the agent runtime bind-mounted read-only.
+the default seccomp profile; a reduced capability set; masked and read-only ``/proc`` and ``/sys``;
+the agent runtime bind-mounted read-only.
+
+No ``no_new_privs``: setuid programs inside (``sudo`` in ``base``, as E2B sandboxes have) must work.
+What setuid can reach is sandbox root, already an unprivileged host uid whose capabilities are
+bounded by ``CAPABILITIES`` (the bounding set caps every exec, setuid or not) and whose system
+calls the seccomp filter still screens (a filter, once set, holds for every descendant).
 """
 
 from __future__ import annotations
@@ -24,14 +29,18 @@ CAPABILITIES = [
 MASKED_PATHS = [
     "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
     "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
-    "/proc/interrupts", "/proc/kallsyms",
+    "/proc/interrupts", "/proc/kallsyms", "/proc/cmdline",  # the host's boot line: paths, sometimes secrets
 ]
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 CPU_PERIOD_US = 100_000
 
 
-def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int, cgroup: str) -> dict:
-    """The bundle's ``config.json``; ``cgroup`` names the sandbox's group (``shoal-<instance>-<id>``)."""
+def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int, cgroup: str,
+           userns: str | None = None) -> dict:
+    """The bundle's ``config.json``; ``cgroup`` names the sandbox's group (``shoal-<instance>-<id>``).
+
+    ``userns``: a user namespace to join (``budgets.make_userns``: it maps sandbox root to ``uid_base``
+    and carries the sandbox's share of the kernel's per-user budgets) instead of crun making one."""
     env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            f"SHOAL_SANDBOX_ID={spec.sandbox_id}", "HOME=/root"]
     if spec.env:
@@ -52,7 +61,7 @@ def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int, c
             "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
             # Raising a hard limit needs CAP_SYS_RESOURCE on the host, which sandbox root lacks.
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
-            "noNewPrivileges": True,
+            "noNewPrivileges": False,  # see the module docstring: sudo inside must work
         },
         "root": {"path": "rootfs", "readonly": False},
         "hostname": spec.sandbox_id,
@@ -73,9 +82,11 @@ def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int, c
              "options": ["rbind", "ro", "nosuid", "nodev"]},
         ],
         "linux": {
-            "uidMappings": [{"containerID": 0, "hostID": uid_base, "size": uid_count}],
-            "gidMappings": [{"containerID": 0, "hostID": uid_base, "size": uid_count}],
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "user", "cgroup")],
+            **({} if userns else {
+                "uidMappings": [{"containerID": 0, "hostID": uid_base, "size": uid_count}],
+                "gidMappings": [{"containerID": 0, "hostID": uid_base, "size": uid_count}]}),
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")]
+            + [{"type": "user", "path": userns} if userns else {"type": "user"}],
             "cgroupsPath": cgroups.cgroups_path(cgroup),
             "resources": {
                 "memory": {"limit": memory, "swap": memory},

@@ -5,7 +5,9 @@ are undone by ``destroy`` (which tolerates any of them being absent), so a faile
 nothing behind. Every host resource is named after the sandbox id:
 
 * ``<run>/sandboxes/<id>/``  bundle: ``config.json``, ``upper`` (tmpfs: the writable layer),
-  ``rootfs`` (the overlay), ``agent.sock`` (host-only), ``init.pid``, ``agent.log``
+  ``rootfs`` (the overlay), ``agent.sock`` (host-only), ``init.pid``, ``upper/agent.log`` (PID 1's
+  stdout/stderr: inside the writable layer's tmpfs, so what the sandbox writes there counts against its
+  disk limit, yet outside ``upper/upper``, so the sandbox cannot see it)
 * crun container and cgroup ``shoal-<instance>-<id>`` (crun's state under ``<run>/crun``)
 
 The instance (``Settings.instance``) keeps two Shoal instances on one host apart: each names, finds
@@ -24,7 +26,7 @@ from pathlib import Path
 from shoal.errors import CapacityExceeded, Conflict, RuntimeFailure, ShoalError, from_errno
 from shoal.runtime import agent_runtime
 from shoal.runtime.base import Capabilities, SandboxSpec
-from shoal.runtime.linux import cgroups, mounts, oci
+from shoal.runtime.linux import budgets, cgroups, mounts, oci, oom
 from shoal.settings import Settings
 
 INSTANCE_MARK = "instance"
@@ -42,6 +44,7 @@ class LinuxRuntime:
         if not os.path.exists(self.crun):
             raise RuntimeFailure("crun is not installed (apt install crun)", step="runtime")
         cgroups.prepare_host()
+        budgets.prepare_host()
         self._claim_run_dir()
         for d in (settings.sandboxes_dir, settings.crun_root):
             d.mkdir(parents=True, exist_ok=True)
@@ -94,14 +97,18 @@ class LinuxRuntime:
             self._make_upper(spec, bundle)
             step = "rootfs"
             (bundle / "rootfs").mkdir()
-            mounts.mount("overlay", bundle / "rootfs", "overlay", 0,
-                         f"lowerdir={spec.lower_dir},upperdir={bundle}/upper/upper,workdir={bundle}/upper/work")
+            mounts.mount_overlay(bundle / "rootfs", spec.lower_dir, bundle / "upper/upper", bundle / "upper/work",
+                                 cwd=bundle)
+            step = "user namespace"
+            budgets.make_userns(bundle / "userns", self.settings.uid_base, self.settings.uid_count)
             step = "config"
             cfg = oci.config(spec, str(self.runtime_dir()), self.settings.uid_base, self.settings.uid_count,
-                             cgroup=self.container(sid))
+                             cgroup=self.container(sid), userns=str(bundle / "userns"))
             (bundle / "config.json").write_text(json.dumps(cfg))
             step = "crun run"
             self._run(sid, bundle)
+            step = "oom score"
+            oom.protect(self._started_pid(sid))
         except ShoalError:
             self.destroy(sid)
             raise
@@ -137,7 +144,7 @@ class LinuxRuntime:
         """``crun run -d`` with the listening agent socket as fd 3 of the container's init."""
         sock_path = self.agent_socket(sid)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        log = os.open(bundle / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        log = os.open(self._log_path(bundle), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         try:
             listener.bind(str(sock_path))
@@ -156,12 +163,27 @@ class LinuxRuntime:
             raise RuntimeFailure(f"crun failed to start the sandbox: {self._log_tail(bundle)}", "crun run", sid)
 
     @staticmethod
-    def _log_tail(bundle: Path) -> str:
+    def _log_path(bundle: Path) -> Path:
+        """PID 1's stdout/stderr (crun's start-up errors too): sandbox root can append to it through
+        ``/proc/1/fd/2``, so it lives on the sandbox's own size-limited tmpfs, never on a host disk."""
+        return bundle / "upper" / "agent.log"
+
+    @classmethod
+    def _log_tail(cls, bundle: Path) -> str:
         try:
-            text = (bundle / "agent.log").read_text(errors="replace").strip().splitlines()
+            with open(cls._log_path(bundle), "rb") as f:  # the last lines; the file may be disk_mb large
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+                text = f.read().decode(errors="replace").strip().splitlines()
         except OSError:
             return "no log"
         return " | ".join(text[-3:]) or "no output"
+
+    def _started_pid(self, sandbox_id: str) -> int:
+        """The init pid crun just wrote: our own file (the sandbox cannot reach the bundle)."""
+        pid = self.init_pid(sandbox_id)
+        if pid is None:
+            raise RuntimeFailure("crun started the sandbox but wrote no pid file", "crun run", sandbox_id)
+        return pid
 
     def init_pid(self, sandbox_id: str) -> int | None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 EPERM = 1
 ENOSYS = 38
+EAFNOSUPPORT = 97
 
 DENIED = (
     "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module", "delete_module",
@@ -23,6 +24,18 @@ DENIED = (
     "syslog", "umount", "umount2", "unshare", "uselib", "userfaultfd", "ustat", "vhangup", "_sysctl",
     "sysfs", "adjtimex",
 )
+
+#: Address families a sandbox may open sockets in: local IPC, IP, and netlink (``ip``, ``ss``). Every other
+#: family is kernel surface with no use inside a sandbox's loopback-only network namespace, and some are
+#: shared by the whole host: AF_VSOCK's port space is host-wide (two sandboxes would collide, and one
+#: could talk to a hypervisor or another VM), AF_KEY and AF_ALG reach host-wide crypto state, AF_PACKET
+#: needs CAP_NET_RAW (not granted) and has a history of kernel bugs. They fail with EAFNOSUPPORT, the
+#: errno a kernel without that family gives, so programs take their "not available" path.
+ALLOWED_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
+#: The kernel refuses families at or above AF_MAX (46 in 6.x) itself; 64 leaves room for new ones.
+FAMILY_LIMIT = 64
+#: socketcall(2) call numbers that create sockets: SYS_SOCKET, SYS_SOCKETPAIR.
+SOCKETCALL_CREATE = (1, 8)
 
 #: Namespace flags a sandboxed process may not pass to clone().
 CLONE_NAMESPACE_FLAGS = {
@@ -42,6 +55,21 @@ def profile() -> dict:
         syscalls.append({
             "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
             "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
+        })
+    allowed = set(ALLOWED_FAMILIES.values())
+    for family in range(FAMILY_LIMIT):
+        if family in allowed:
+            continue
+        syscalls.append({
+            "names": ["socket", "socketpair"], "action": "SCMP_ACT_ERRNO", "errnoRet": EAFNOSUPPORT,
+            "args": [{"index": 0, "value": 0xFFFFFFFF, "valueTwo": family, "op": "SCMP_CMP_MASKED_EQ"}],
+        })
+    # 32-bit x86 programs may create sockets through socketcall(), whose family sits in memory where
+    # seccomp cannot read it: creating sockets that way is refused outright.
+    for call in SOCKETCALL_CREATE:
+        syscalls.append({
+            "names": ["socketcall"], "action": "SCMP_ACT_ERRNO", "errnoRet": EAFNOSUPPORT,
+            "args": [{"index": 0, "value": 0xFFFFFFFF, "valueTwo": call, "op": "SCMP_CMP_MASKED_EQ"}],
         })
     return {
         "defaultAction": "SCMP_ACT_ALLOW",

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 
-from shoal.engine import Engine, SandboxState
-from shoal.errors import NotFound
-from shoal.server.e2b.security import Tokens, header
+from shoal.server.e2b.security import Tokens, header, unavailable
+from shoal.server.gate import Gate
 
 ENVD_VERSION = "0.6.4"
 
@@ -43,9 +42,9 @@ class SandboxGuard:
     (``E2B-Traffic-Access-Token``: the code interpreter SDK sends only that one on its /contexts
     calls), and only to a running sandbox (else 502 "... was not found", as E2B's proxy says)."""
 
-    def __init__(self, app, engine: Engine) -> None:  # noqa: ANN001
-        self.app, self.engine = app, engine
-        self.tokens = Tokens.of(engine.settings.state_dir)
+    def __init__(self, app, gate: Gate) -> None:  # noqa: ANN001
+        self.app, self.gate, self.engine = app, gate, gate.engine
+        self.tokens = Tokens.of(gate.engine.settings.state_dir)
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] not in ("http", "websocket"):
@@ -55,12 +54,8 @@ class SandboxGuard:
               or self.tokens.check_traffic(sid, header(scope, b"e2b-traffic-access-token")))
         problem = None if ok else (401, "invalid or missing X-Access-Token / E2B-Traffic-Access-Token")
         if problem is None:
-            try:
-                rec = self.engine.get(sid)
-                if rec.state is not SandboxState.RUNNING:
-                    problem = (502, f"The sandbox {sid} was not found: it is {rec.state.value}")
-            except NotFound:
-                problem = (502, f"The sandbox {sid} was not found")
+            message = unavailable(self.gate, sid)
+            problem = None if message is None else (502, message)
         if problem is not None:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 4000 + problem[0]})
@@ -70,12 +65,12 @@ class SandboxGuard:
         return await self.app(scope, receive, send)
 
 
-def interpreter_app(engine: Engine):  # noqa: ANN201
+def interpreter_app(gate: Gate):  # noqa: ANN201
     """The code interpreter ASGI app if this build has one, else ``NoInterpreter``; guarded."""
     try:
         from shoal.server.e2b.interpreter import InterpreterApp  # type: ignore[import-not-found]
     except ModuleNotFoundError as exc:
         if exc.name != "shoal.server.e2b.interpreter":
             raise
-        return SandboxGuard(NoInterpreter(), engine)
-    return SandboxGuard(InterpreterApp(engine), engine)
+        return SandboxGuard(NoInterpreter(), gate)
+    return SandboxGuard(InterpreterApp(gate), gate)

@@ -32,6 +32,7 @@ from shoal.errors import (
     ShoalError,
     Unauthorized,
 )
+from shoal.server.e2b import bounded_json
 
 UNARY_TYPE = "application/json"
 STREAM_TYPE = "application/connect+json"
@@ -115,16 +116,17 @@ async def read_body(receive: Callable[[], Awaitable[dict]], limit: int = MAX_MES
             return bytes(body)
 
 
-def decode_unary(body: bytes) -> dict:
-    if not body:
-        return {}
+def decode_message(raw: bytes, what: str) -> dict:
+    """One JSON message, through the facade's bounded parser (depth, size, no NaN): a hostile
+    message is ``invalid_argument``, never a RecursionError."""
     try:
-        obj = json.loads(body)
-    except ValueError as exc:
-        raise ConnectError("invalid_argument", f"request is not valid JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise ConnectError("invalid_argument", "request must be a JSON object")
-    return obj
+        return bounded_json.loads_object(raw, what, max_bytes=MAX_MESSAGE)
+    except bounded_json.BadJson as exc:
+        raise ConnectError("invalid_argument", f"{what}: {exc}") from exc
+
+
+def decode_unary(body: bytes) -> dict:
+    return decode_message(body, "request")
 
 
 def decode_envelopes(data: bytes | bytearray) -> tuple[list[tuple[int, dict]], int]:
@@ -141,13 +143,7 @@ def decode_envelopes(data: bytes | bytearray) -> tuple[list[tuple[int, dict]], i
             raise ConnectError("unimplemented", "compressed messages are not supported")
         raw = bytes(data[pos + 5:pos + 5 + length])
         pos += 5 + length
-        try:
-            obj = json.loads(raw) if raw else {}
-        except ValueError as exc:
-            raise ConnectError("invalid_argument", f"message is not valid JSON: {exc}") from exc
-        if not isinstance(obj, dict):
-            raise ConnectError("invalid_argument", "message must be a JSON object")
-        out.append((flags, obj))
+        out.append((flags, decode_message(raw, "message")))
     return out, pos
 
 

@@ -43,7 +43,7 @@ from shoal.engine.keys import ApiKey
 from shoal.engine.models import SandboxRecord
 from shoal.errors import CapacityExceeded, InvalidRequest, InvalidTransition, NotFound, QuotaExceeded, ShoalError
 from shoal.server.auth import key_from_headers
-from shoal.server.e2b import ENVD_VERSION
+from shoal.server.e2b import ENVD_VERSION, bounded_json
 from shoal.server.e2b.security import Options, Tokens
 
 CLIENT_ID = "shoal"
@@ -53,6 +53,8 @@ MAX_PAGE = 1000
 DOMAIN_ENV = "SHOAL_E2B_DOMAIN"
 NEVER = "9999-12-31T23:59:59Z"
 IDEMPOTENCY_TTL = 600.0
+#: A control-plane body is a few fields; anything near this size is not one.
+MAX_BODY = 1024 * 1024
 log = logging.getLogger("shoal.e2b")
 
 
@@ -106,16 +108,16 @@ def options(engine: Engine) -> Options:
 
 
 async def _body(request: Request) -> dict:
-    raw = await request.body()
-    if not raw.strip():
-        return {}
+    """The JSON object body, read up to ``MAX_BODY`` bytes and parsed by the bounded parser."""
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise InvalidRequest(f"request body larger than {MAX_BODY} bytes")
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return body
+        return bounded_json.loads_object(bytes(raw), max_bytes=MAX_BODY)
+    except bounded_json.BadJson as exc:
+        raise InvalidRequest(f"request body: {exc}") from exc
 
 
 def _iso(ts: float | None) -> str:
@@ -230,9 +232,11 @@ def _encode_token(rec: SandboxRecord) -> str:
 
 def _decode_token(token: str) -> tuple[float, str]:
     try:
-        created, sid = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        return float(created), str(sid)
-    except (ValueError, TypeError) as exc:
+        created, sid = bounded_json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)), max_depth=2)
+        if not isinstance(created, int | float) or not isinstance(sid, str):
+            raise ValueError("not [created, id]")
+        return float(created), sid
+    except (ValueError, TypeError) as exc:  # BadJson and binascii.Error are ValueErrors
         raise InvalidRequest("invalid nextToken") from exc
 
 

@@ -9,7 +9,9 @@ Routes (``scope["shoal.sandbox_id"]`` names the sandbox; ``SandboxRouting`` sets
 * ``POST /process.Process/<Method>`` and ``POST /filesystem.Filesystem/<Method>``: Connect (JSON)
 
 Every request must carry the sandbox's ``X-Access-Token`` (or, on ``/files``, a valid v1 URL
-signature); a sandbox that is gone or paused answers 502 "... was not found", as E2B's proxy does
+signature, which grants its own path, operation and user only, for a bounded time: ``signing``;
+uploads are streamed within the sandbox's free space and a configured maximum: ``uploads``); a sandbox
+that is gone or paused answers 502 "... was not found", as E2B's proxy does
 (the SDK reads that as "not running"). Operations run as the request's user: HTTP Basic
 ``Authorization`` (``base64("<user>:")``) on RPCs, ``username`` on ``/files``; default ``user``
 (``root`` when the template has no ``user``). Relative paths start at that user's home.
@@ -32,17 +34,19 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
-from shoal.engine import Engine
 from shoal.errors import CapacityExceeded, InvalidRequest, NotFound, ShoalError
 from shoal.runtime.agent_aio import AsyncAgentClient
 from shoal.server.e2b import connect as c
+from shoal.server.e2b import signing, uploads
 from shoal.server.e2b.security import Tokens, unavailable
+from shoal.server.gate import Gate, SandboxToken
 
 log = logging.getLogger("shoal.e2b")
 DEFAULT_USER = "user"
+#: How a request was let in: the sandbox's access token, or a signed file URL.
+TOKEN, SIGNED = "token", "signed"
 WATCHER_IDLE = 600.0
 WATCHER_MAX_EVENTS = 10000
-UPLOAD_CHUNK = 256 * 1024
 PASSWD_LIMIT = 1024 * 1024
 #: Go's names for signals (what envd's ``status`` says: ``signal: killed``).
 SIGNAL_NAMES = {1: "hangup", 2: "interrupt", 3: "quit", 4: "illegal instruction", 5: "trace/breakpoint trap",
@@ -64,24 +68,46 @@ def _rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def entry_json(e: dict) -> dict:
-    """The agent's entry as envd's ``EntryInfo`` (proto3 JSON)."""
-    out = {"name": e["name"], "type": ENTRY_TYPES.get(e["type"], "FILE_TYPE_UNSPECIFIED"), "path": e["path"],
-           "size": str(int(e.get("size") or 0)), "mode": int(e.get("mode") or 0),
-           "permissions": e.get("permissions") or "", "owner": str(e.get("owner") or ""),
-           "group": str(e.get("group") or ""), "modifiedTime": _rfc3339(float(e.get("modified") or 0))}
-    if e["type"] == "symlink":
-        out["symlinkTarget"] = e.get("symlink_target") or ""
+def _int(value: object, default: int = 0) -> int:
+    """An integer from an agent reply, which the sandbox may forge: anything odd is ``default``."""
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else default
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return default
+
+
+def _str(value: object) -> str:
+    """A string from an agent reply, safe to answer as JSON (no lone surrogate)."""
+    return value.encode("utf-8", "replace").decode() if isinstance(value, str) else ""
+
+
+def entry_json(e: object) -> dict:
+    """The agent's entry as envd's ``EntryInfo`` (proto3 JSON); a forged entry gives empty fields, not a 500."""
+    e = e if isinstance(e, dict) else {}
+    kind = e.get("type")
+    modified = e.get("modified")
+    ts = float(modified) if isinstance(modified, int | float) and not isinstance(modified, bool) \
+        and 0 <= modified < 253402300800 else 0.0
+    out = {"name": _str(e.get("name")), "type": ENTRY_TYPES.get(kind, "FILE_TYPE_UNSPECIFIED")
+           if isinstance(kind, str) else "FILE_TYPE_UNSPECIFIED", "path": _str(e.get("path")),
+           "size": str(max(0, _int(e.get("size")))), "mode": _int(e.get("mode")) & 0xFFFFFFFF,
+           "permissions": _str(e.get("permissions")), "owner": _str(str(e.get("owner") or "")),
+           "group": _str(str(e.get("group") or "")), "modifiedTime": _rfc3339(ts)}
+    if kind == "symlink":
+        out["symlinkTarget"] = _str(e.get("symlink_target"))
         out["isSymlink"] = True
     return out
 
 
 def end_event(end: dict) -> dict:
     """The agent's end of a process as envd's ``EndEvent``: a signal death is exit code -1."""
-    sig = end.get("signal")
+    sig = _int(end.get("signal"))
     if sig:
-        return {"exitCode": -1, "exited": False, "status": f"signal: {SIGNAL_NAMES.get(int(sig), f'signal {sig}')}"}
-    code = int(end.get("exit_code", 0))
+        return {"exitCode": -1, "exited": False, "status": f"signal: {SIGNAL_NAMES.get(sig, f'signal {sig}')}"}
+    code = _int(end.get("exit_code"))
     return {"exitCode": code, "exited": True, "status": f"exit status {code}"}
 
 
@@ -98,16 +124,60 @@ def _text(value: object, what: str, empty: bool = True) -> str:
     return value
 
 
-def _selector(msg: dict | None) -> dict:
-    sel = msg or {}
+def _obj(value: object, what: str) -> dict:
+    """A sub-message: absent (null) is empty, anything but an object is the caller's error. Every
+    nested field is read through this, so ``"process": 5`` is invalid_argument, not AttributeError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise c.ConnectError("invalid_argument", f"{what} must be an object")
+    return value
+
+
+def _uint(value: object, what: str, default: int, high: int = 2**32 - 1) -> int:
+    """A proto3 integer field (a JSON number or a decimal string, as protojson allows), in
+    ``0..high``; absent or 0 is ``default``. Bools, fractions, NaN and out-of-range values are refused."""
+    if value is None:
+        return default
+    if isinstance(value, str) and value.strip().isdigit() and len(value) <= 20:
+        value = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise c.ConnectError("invalid_argument", f"{what} must be an integer between 0 and {high}")
+    return value or default
+
+
+def _flag(value: object, what: str, default: bool = False) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise c.ConnectError("invalid_argument", f"{what} must be true or false")
+    return value
+
+
+def _selector(msg: object) -> dict:
+    sel = _obj(msg, "process")
     if sel.get("pid") is not None:
-        try:
-            return {"pid": int(sel["pid"]), "tag": None}
-        except (TypeError, ValueError) as exc:
-            raise c.ConnectError("invalid_argument", "pid must be an integer") from exc
+        pid = _uint(sel["pid"], "process.pid", 0, 2**31 - 1)
+        if pid:
+            return {"pid": pid, "tag": None}
     if sel.get("tag"):
-        return {"pid": None, "tag": _text(sel["tag"], "tag")}
+        return {"pid": None, "tag": _text(sel["tag"], "process.tag")}
     raise c.ConnectError("invalid_argument", "a process selector (pid or tag) is required")
+
+
+def _pty_size(pty: object) -> dict:
+    size = _obj(_obj(pty, "pty").get("size"), "pty.size")
+    return {"cols": _uint(size.get("cols"), "pty.size.cols", 80, 65535),
+            "rows": _uint(size.get("rows"), "pty.size.rows", 24, 65535)}
+
+
+def _input_bytes(msg: object) -> bytes:
+    """``ProcessInput``: ``{"stdin": base64}`` or ``{"pty": base64}``."""
+    data = _obj(msg, "input")
+    raw = data.get("stdin") if "stdin" in data else data.get("pty")
+    return _b64(raw) if raw is not None else b""
 
 
 def _b64(data: object) -> bytes:
@@ -144,6 +214,14 @@ async def _send_json(send: Send, status: int, obj: object, extra: list | None = 
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(extra or [])]})
     await send({"type": "http.response.body", "body": body})
+
+
+def _written(entry: object) -> dict:
+    """The agent's entry for a written file as envd's answer: only the fields the answer has, as strings."""
+    e = entry if isinstance(entry, dict) else {}
+    kind = e.get("type")
+    return {"name": str(e.get("name") or ""), "type": kind if kind in ("file", "dir", "symlink") else "file",
+            "path": str(e.get("path") or "")}
 
 
 def _http_status(exc: ShoalError) -> int:
@@ -286,8 +364,9 @@ class Watcher:
 # --- the app -------------------------------------------------------------------------------------------
 
 class EnvdApp:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        engine = self.engine = gate.engine
         self.tokens = Tokens.of(engine.settings.state_dir)
         self._passwd: dict[str, dict[str, str]] = {}
         self.watchers: dict[str, Watcher] = {}
@@ -315,17 +394,25 @@ class EnvdApp:
         path, method = scope["path"], scope["method"]
         rpc = path.startswith(("/process.Process/", "/filesystem.Filesystem/"))
         query = _query(scope)
-        if not self._authorized(sid, headers, path, method, query):
+        auth = self._authorized(sid, headers, path, method, query)
+        if auth is None:
             if rpc:
                 await c.send_unary_error(send, c.ConnectError("unauthenticated", "invalid or missing X-Access-Token"))
             else:
                 await _send_json(send, 401, {"code": 401, "message": "invalid or missing X-Access-Token"})
             return
-        problem = unavailable(self.engine, sid)
+        problem = unavailable(self.gate, sid)
+        if problem is None and auth == SIGNED:
+            problem = self._signature_expired(sid, query)
+            if problem is not None:
+                await _send_json(send, 401, {"code": 401, "message": problem})
+                return
         if problem is not None:
             await _send_json(send, 502, {"code": 502, "message": problem})
             return
-        agent = AsyncAgentClient(str(self.engine.runtime.agent_socket(sid)), sid)
+        if auth == SIGNED:  # the URL grants its own user only, whatever Authorization says
+            headers.pop("authorization", None)
+        agent = self.gate.agent(sid, SandboxToken(sid))
         if rpc:
             await self._rpc(scope, receive, send, sid, agent, headers, path)
         elif path == "/health":
@@ -334,18 +421,28 @@ class EnvdApp:
         elif path == "/files" and method == "GET":
             await self._download(send, sid, agent, headers, query)
         elif path == "/files" and method == "POST":
-            await self._upload(scope, receive, send, sid, agent, headers, query)
+            await self._upload(receive, send, sid, agent, headers, query, signed=auth == SIGNED)
         else:
             await _send_json(send, 404, {"code": 404, "message": f"no route {method} {path} in envd"})
 
-    def _authorized(self, sid: str, headers: dict[str, str], path: str, method: str, query: dict) -> bool:
+    def _authorized(self, sid: str, headers: dict[str, str], path: str, method: str, query: dict) -> str | None:
+        """``TOKEN`` (the sandbox's access token: any user, any path), ``SIGNED`` (a file URL's
+        signature: its own path, operation and user only; see ``signing``) or None."""
         if self.tokens.check_envd(sid, headers.get("x-access-token")):
-            return True
-        if path == "/files" and query.get("signature"):
-            op = "read" if method == "GET" else "write"
-            return self.tokens.check_signature(sid, query.get("path", ""), op, query.get("username"),
-                                               query.get("signature"), query.get("signature_expiration"))
-        return False
+            return TOKEN
+        if path == "/files" and query.get("signature") and signing.matches(
+                self.tokens.envd(sid), query.get("path", ""), "read" if method == "GET" else "write",
+                query.get("username"), query.get("signature"), query.get("signature_expiration")):
+            return SIGNED
+        return None
+
+    def _signature_expired(self, sid: str, query: dict) -> str | None:
+        """Why a matching signature is no longer valid (``signing.expired``), for a running sandbox."""
+        try:
+            created = self.engine.get(sid).created_at
+        except ShoalError:
+            return f"The sandbox {sid} was not found"
+        return signing.expired(query.get("signature_expiration"), created)
 
     # --- users -----------------------------------------------------------------------------------------
     async def _homes(self, sid: str, agent: AsyncAgentClient, refresh: bool = False) -> dict[str, str]:
@@ -446,7 +543,7 @@ class EnvdApp:
     # --- process.Process -------------------------------------------------------------------------------
     async def _start(self, req: dict, receive: Receive, out: c.ServerStream, sid: str, agent: AsyncAgentClient,
                      user: str, headers: dict[str, str], deadline: c.Deadline) -> None:
-        proc = req.get("process") or {}
+        proc = _obj(req.get("process"), "process")
         cmd = _text(proc.get("cmd"), "process.cmd", empty=False)
         args = proc.get("args") or []
         envs = proc.get("envs") or {}
@@ -456,9 +553,10 @@ class EnvdApp:
             raise c.ConnectError("invalid_argument", "process.envs must be an object")
         env = {}
         for k, v in envs.items():
-            if not k or "=" in k:
-                raise c.ConnectError("invalid_argument", f"invalid environment variable name {k!r}")
-            env[_text(k, "an environment variable name")] = _text(v, f"environment variable {k}")
+            name = _text(k, "an environment variable name", empty=False)
+            if "=" in name:
+                raise c.ConnectError("invalid_argument", "an environment variable name must not contain '='")
+            env[name] = _text(v, "an environment variable's value")
         start: dict = {"cmd": [cmd, *(_text(a, "process.args") for a in args)], "env": env, "user": user}
         cwd = proc.get("cwd")
         if cwd:
@@ -468,10 +566,9 @@ class EnvdApp:
             start["tag"] = _text(req["tag"], "tag")
         pty = req.get("pty")
         if pty is not None:
-            size = (pty or {}).get("size") or {}
-            start["pty"] = {"size": {"cols": int(size.get("cols") or 80), "rows": int(size.get("rows") or 24)}}
+            start["pty"] = {"size": _pty_size(pty)}
         else:
-            start["stdin"] = bool(req.get("stdin", True))
+            start["stdin"] = _flag(req.get("stdin"), "stdin", True)
         left = deadline.remaining()
         if left is not None:
             start["timeout"] = max(0.001, left)
@@ -523,22 +620,25 @@ class EnvdApp:
     async def _list(self, req: dict, sid: str, agent: AsyncAgentClient, user: str) -> dict:
         reply = await agent.call({"op": "process.list"})
         procs = []
-        for p in reply.get("processes", []):
-            config: dict = {"cmd": p.get("cmd") or "", "args": list(p.get("args") or []),
-                            "envs": dict(p.get("envs") or {})}
+        listed = reply.get("processes")
+        for p in listed if isinstance(listed, list) else []:  # the agent's reply: checked like any input
+            if not isinstance(p, dict):
+                continue
+            args, envs = p.get("args"), p.get("envs")
+            config: dict = {"cmd": _str(p.get("cmd")), "args": [_str(a) for a in args] if isinstance(args, list)
+                            else [], "envs": {_str(k): _str(v) for k, v in envs.items()} if isinstance(envs, dict)
+                            else {}}
             if p.get("cwd"):
-                config["cwd"] = p["cwd"]
-            item: dict = {"config": config, "pid": int(p["pid"])}
+                config["cwd"] = _str(p["cwd"])
+            item: dict = {"config": config, "pid": _int(p.get("pid"))}
             if p.get("tag"):
-                item["tag"] = p["tag"]
+                item["tag"] = _str(p["tag"])
             procs.append(item)
         return {"processes": procs}
 
     async def _send_input(self, req: dict, sid: str, agent: AsyncAgentClient, user: str) -> dict:
         sel = _selector(req.get("process"))
-        data = req.get("input") or {}
-        raw = data.get("stdin") if "stdin" in data else data.get("pty", "")
-        payload = _b64(raw or "")
+        payload = _input_bytes(req.get("input"))
         await agent.call({"op": "process.stdin", **sel, "data_b64": base64.b64encode(payload).decode()})
         return {}
 
@@ -546,7 +646,7 @@ class EnvdApp:
         sel = _selector(req.get("process"))
         sig = req.get("signal", 0)
         signum = SIGNALS.get(sig) if isinstance(sig, str) else sig
-        if not isinstance(signum, int) or signum not in (9, 15):
+        if isinstance(signum, bool) or not isinstance(signum, int) or signum not in (9, 15):
             raise c.ConnectError("invalid_argument", f"unsupported signal {sig!r} (SIGNAL_SIGKILL or SIGNAL_SIGTERM)")
         await agent.call({"op": "process.signal", **sel, "signal": signum})
         return {}
@@ -558,11 +658,9 @@ class EnvdApp:
 
     async def _update(self, req: dict, sid: str, agent: AsyncAgentClient, user: str) -> dict:
         sel = _selector(req.get("process"))
-        size = ((req.get("pty") or {}).get("size")) or {}
-        if not size:
+        if not _obj(req.get("pty"), "pty").get("size"):
             return {}
-        await agent.call({"op": "process.resize", **sel, "cols": int(size.get("cols") or 80),
-                          "rows": int(size.get("rows") or 24)})
+        await agent.call({"op": "process.resize", **sel, **_pty_size(req.get("pty"))})
         return {}
 
     async def _stream_input(self, receive: Receive, out: c.ServerStream, agent: AsyncAgentClient,
@@ -573,14 +671,12 @@ class EnvdApp:
             nonlocal sel
             async for msg in c.client_messages(receive):
                 if "start" in msg:
-                    sel = _selector((msg.get("start") or {}).get("process"))
+                    sel = _selector(_obj(msg.get("start"), "start").get("process"))
                     await agent.call({"op": "process.stdin", **sel, "data_b64": ""})  # not_found early
                 elif "data" in msg:
                     if sel is None:
                         raise c.ConnectError("invalid_argument", "the first message must be start")
-                    data = (msg.get("data") or {}).get("input") or {}
-                    raw = data.get("stdin") if "stdin" in data else data.get("pty", "")
-                    payload = _b64(raw or "")
+                    payload = _input_bytes(_obj(msg.get("data"), "data").get("input"))
                     if payload:
                         await agent.call({"op": "process.stdin", **sel,
                                           "data_b64": base64.b64encode(payload).decode()})
@@ -594,21 +690,22 @@ class EnvdApp:
 
     async def _stat(self, req: dict, sid: str, agent: AsyncAgentClient, user: str) -> dict:
         reply = await agent.call({"op": "file.stat", "path": self._path(req), "user": user})
-        return {"entry": entry_json(reply["entry"])}
+        return {"entry": entry_json(reply.get("entry"))}
 
     async def _make_dir(self, req: dict, sid: str, agent: AsyncAgentClient, user: str) -> dict:
         reply = await agent.call({"op": "file.mkdir", "path": self._path(req), "user": user, "parents": True})
-        return {"entry": entry_json(reply["entry"])}
+        return {"entry": entry_json(reply.get("entry"))}
 
     async def _move(self, req: dict, sid: str, agent: AsyncAgentClient, user: str) -> dict:
         src, dst = self._path(req, "source"), self._path(req, "destination")
         reply = await agent.call({"op": "file.move", "src": src, "dst": dst, "user": user})
-        return {"entry": entry_json(reply["entry"])}
+        return {"entry": entry_json(reply.get("entry"))}
 
     async def _list_dir(self, req: dict, sid: str, agent: AsyncAgentClient, user: str) -> dict:
-        depth = int(req.get("depth") or 0) or 1
+        depth = _uint(req.get("depth"), "depth", 1, 64)
         reply = await agent.call({"op": "file.list", "path": self._path(req), "depth": depth, "user": user})
-        return {"entries": [entry_json(e) for e in reply["entries"]]}
+        entries = reply.get("entries")
+        return {"entries": [entry_json(e) for e in (entries if isinstance(entries, list) else [])]}
 
     async def _remove(self, req: dict, sid: str, agent: AsyncAgentClient, user: str) -> dict:
         try:
@@ -618,17 +715,20 @@ class EnvdApp:
         return {}
 
     @staticmethod
-    def _fs_event(ev: dict) -> dict:
-        kind = EVENT_TYPES.get(ev.get("type", ""), "EVENT_TYPE_UNSPECIFIED")
-        out: dict = {"name": ev.get("name") or "", "type": kind}
+    def _fs_event(ev: object) -> dict:
+        ev = ev if isinstance(ev, dict) else {}
+        kind = ev.get("type")
+        out: dict = {"name": _str(ev.get("name")),
+                     "type": EVENT_TYPES.get(kind, "EVENT_TYPE_UNSPECIFIED") if isinstance(kind, str)
+                     else "EVENT_TYPE_UNSPECIFIED"}
         if ev.get("entry"):
             out["entry"] = entry_json(ev["entry"])
         return out
 
     async def _watch_dir(self, req: dict, receive: Receive, out: c.ServerStream, sid: str,
                          agent: AsyncAgentClient, user: str, headers: dict[str, str], deadline: c.Deadline) -> None:
-        events = await agent.watch(self._path(req), bool(req.get("recursive")), user,
-                                   include_entry=bool(req.get("includeEntry")))
+        events = await agent.watch(self._path(req), _flag(req.get("recursive"), "recursive"), user,
+                                   include_entry=_flag(req.get("includeEntry"), "includeEntry"))
         await out.send_message({"start": {}})
 
         async def handle(ev: object) -> bool:
@@ -642,8 +742,8 @@ class EnvdApp:
 
     async def _create_watcher(self, req: dict, sid: str, agent: AsyncAgentClient, user: str) -> dict:
         self._expire_watchers()
-        events = await agent.watch(self._path(req), bool(req.get("recursive")), user,
-                                   include_entry=bool(req.get("includeEntry")))
+        events = await agent.watch(self._path(req), _flag(req.get("recursive"), "recursive"), user,
+                                   include_entry=_flag(req.get("includeEntry"), "includeEntry"))
         wid = uuid.uuid4().hex
         watcher = Watcher(sid)
 
@@ -737,62 +837,54 @@ class EnvdApp:
                 await chunks.aclose()  # type: ignore[attr-defined]
             raise
 
-    async def _upload(self, scope: dict, receive: Receive, send: Send, sid: str, agent: AsyncAgentClient,
-                      headers: dict[str, str], query: dict) -> None:
+    def _budget(self, sid: str) -> uploads.Budget:
+        upper = self.engine.settings.sandboxes_dir / sid / "upper"  # the sandbox's writable layer (tmpfs)
+        return uploads.Budget(uploads.max_upload(), uploads.free_space(upper))
+
+    async def _upload(self, receive: Receive, send: Send, sid: str, agent: AsyncAgentClient,
+                      headers: dict[str, str], query: dict, signed: bool) -> None:
+        """Streamed to the agent within the sandbox's budget (``uploads``). Through a signed URL,
+        exactly one file is written, to the signed ``path``."""
         ctype = headers.get("content-type", "")
+        path = query.get("path")
         try:
+            budget = self._budget(sid)
+            declared = headers.get("content-length", "")
+            gzip = "gzip" in headers.get("content-encoding", "").lower()
+            if declared.isdigit() and not gzip:
+                budget.check_declared(int(declared) - (uploads.MULTIPART_OVERHEAD
+                                                       if ctype.lower().startswith("multipart/") else 0))
+            if signed and not path:
+                raise InvalidRequest("a signed upload URL must name its path")
             user = await self._files_user(sid, agent, headers, query)
             written: list[dict] = []
             if ctype.lower().startswith("multipart/form-data"):
-                from starlette.requests import Request
-
-                form = await Request(scope, receive).form(max_files=10000, max_fields=10000)
-                try:
-                    files = [v for k, v in form.multi_items() if k == "file" and hasattr(v, "read")]
-                    if not files:
-                        raise InvalidRequest("no part named 'file' in the upload")
-                    for upload in files:
-                        target = query.get("path") if query.get("path") and len(files) == 1 else upload.filename
-                        if not target:
-                            raise InvalidRequest("every file part needs a filename (its path) when path is not given")
-
-                        async def parts(u=upload) -> AsyncIterator[bytes]:  # noqa: ANN001
-                            while True:
-                                data = await u.read(UPLOAD_CHUNK)
-                                if not data:
-                                    return
-                                yield data
-                        written.append(await agent.write_file(target, parts(), user=user))
-                finally:
-                    await form.close()
+                reader = uploads.MultipartReader(receive, ctype, budget)
+                async for part in reader.parts():
+                    if part.name != "file":
+                        continue
+                    if path and written:
+                        raise InvalidRequest("path names one file: name each file of a multi-file upload "
+                                             "by its filename instead")
+                    target = path or part.filename
+                    if not target:
+                        raise InvalidRequest("every file part needs a filename (its path) when path is not given")
+                    written.append(await agent.write_file(_text(target, "the file's path"), part.chunks(),
+                                                          user=user))
+                if not written:
+                    raise InvalidRequest("no part named 'file' in the upload")
             else:
-                target = query.get("path")
-                if not target:
+                if not path:
                     raise InvalidRequest("path is required for an octet-stream upload")
-                gunzip = zlib.decompressobj(47) if "gzip" in headers.get("content-encoding", "") else None
-
-                async def body() -> AsyncIterator[bytes]:
-                    while True:
-                        message = await receive()
-                        if message["type"] == "http.disconnect":
-                            raise InvalidRequest("the client went away during the upload")
-                        data = message.get("body", b"")
-                        if gunzip is not None and data:
-                            try:
-                                data = gunzip.decompress(data)
-                            except zlib.error as exc:
-                                raise InvalidRequest(f"invalid gzip body: {exc}") from exc
-                        if data:
-                            yield data
-                        if not message.get("more_body", False):
-                            return
-                written.append(await agent.write_file(target, body(), user=user))
+                written.append(await agent.write_file(path, uploads.octet_stream(receive, budget, gzip), user=user))
+        except c.ConnectError as exc:
+            await _send_json(send, 400, {"code": 400, "message": exc.message})
+            return
         except ShoalError as exc:
             status = _http_status(exc)
             await _send_json(send, status, {"code": status, "message": exc.message})
             return
-        await _send_json(send, 200, [{"name": e["name"], "type": "file" if e["type"] == "file" else e["type"],
-                                      "path": e["path"]} for e in written])
+        await _send_json(send, 200, [_written(e) for e in written])
 
 
 _STREAMS = {
@@ -833,7 +925,7 @@ class SignedFiles:
         op = "read" if scope["method"] == "GET" else "write"
         tokens, engine = self.envd.tokens, self.envd.engine
         for rec in engine.list():
-            if tokens.check_signature(rec.id, query.get("path", ""), op, query.get("username"),
-                                      query.get("signature"), query.get("signature_expiration")):
+            if signing.matches(tokens.envd(rec.id), query.get("path", ""), op, query.get("username"),
+                               query.get("signature"), query.get("signature_expiration")):
                 return await self.envd({**scope, "shoal.sandbox_id": rec.id, "shoal.port": 49983}, receive, send)
-        await _send_json(send, 401, {"code": 401, "message": "invalid or expired file URL signature"})
+        await _send_json(send, 401, {"code": 401, "message": "invalid file URL signature"})

@@ -39,9 +39,9 @@ from pathlib import Path
 
 from shoal.engine import Engine
 from shoal.errors import NotFound, RuntimeFailure, ShoalError
-from shoal.runtime.agent_aio import AsyncAgentClient
 from shoal.runtime.agent_client import AgentClient, ProcessStream
 from shoal.server.e2b.security import Tokens, header, unavailable
+from shoal.server.gate import Gate, SandboxToken
 
 log = logging.getLogger("shoal.e2b.interpreter")
 
@@ -56,6 +56,8 @@ READY = b"shoal-code-interpreter ready"
 START_TIMEOUT = 30.0
 MAX_BODY = 64 * 1024 * 1024
 CHUNK = 64 * 1024
+#: The server in the sandbox is sandbox code: its response head is bounded like any hostile input.
+MAX_RESPONSE_HEADERS = 100
 #: Never forwarded into the sandbox: hop-by-hop, re-made below, or secrets of the caller.
 _DROP_REQUEST = {b"host", b"connection", b"keep-alive", b"content-length", b"transfer-encoding", b"te", b"trailer",
                  b"upgrade", b"proxy-authorization", b"authorization", b"x-api-key", b"x-access-token",
@@ -169,8 +171,9 @@ class InterpreterApp:
     """ASGI app for port 49999 of every sandbox. ``prestart``: start the server in new
     ``code-interpreter-v1`` sandboxes as they are created (see the module docstring)."""
 
-    def __init__(self, engine: Engine, *, prestart: bool = True) -> None:
-        self.engine = engine
+    def __init__(self, gate: Gate, *, prestart: bool = True) -> None:
+        self.gate = gate
+        engine = self.engine = gate.engine
         self.tokens = Tokens.of(engine.settings.state_dir)
         self.launcher = Launcher(engine)
         self._unsubscribe = engine.subscribe(self._on_event) if prestart else None
@@ -223,7 +226,7 @@ class InterpreterApp:
             await _send_json(send, 401, {"code": 401, "message": "invalid or missing X-Access-Token "
                                                                  "or E2B-Traffic-Access-Token"})
             return
-        problem = unavailable(self.engine, sid)
+        problem = unavailable(self.gate, sid)
         if problem is not None:
             await _send_json(send, 502, {"code": 502, "message": problem})
             return
@@ -246,7 +249,7 @@ class InterpreterApp:
             writer.close()
 
     async def _open(self, sid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        agent = AsyncAgentClient(str(self.engine.runtime.agent_socket(sid)), sid)
+        agent = self.gate.agent(sid, SandboxToken(sid))
         try:
             return await agent.open_port(PORT)
         except NotFound:
@@ -267,6 +270,8 @@ class InterpreterApp:
             await writer.drain()
             status_line = await reader.readline()
             status = int(status_line.split(b" ", 2)[1])
+            if not 100 <= status <= 599:  # the sandbox answers this: anything else is not HTTP
+                raise ValueError(f"invalid status {status}")
             headers = []
             while True:
                 line = await reader.readline()
@@ -274,7 +279,11 @@ class InterpreterApp:
                     break
                 if not line:
                     raise ConnectionResetError("response head cut short")
+                if len(headers) >= MAX_RESPONSE_HEADERS:
+                    raise ValueError("too many response headers")
                 name, _, value = line.partition(b":")
+                if not name.strip() or not name.strip().isascii() or b" " in name.strip():
+                    raise ValueError("malformed response header")
                 if name.strip().lower() not in _DROP_RESPONSE:
                     headers.append((name.strip().lower(), value.strip()))
         except (OSError, ValueError, IndexError) as exc:

@@ -12,8 +12,9 @@ Both are HMAC-SHA256 of the sandbox id under a daemon secret (``<state_dir>/e2b.
 made on first use), so they need no storage, survive daemon restarts and can be checked even for
 a sandbox that does not exist (a wrong token is 401 whether or not the id exists: no probing).
 
-``Options`` keeps the few per-sandbox E2B settings the engine has no field for (whether
-``get_host`` traffic must carry the traffic token), one small root-only JSON file per sandbox.
+``Options`` keeps the few per-sandbox settings the engine has no field for (which ports the port
+proxy serves without a credential, see ``shoal.server.port_access``; E2B's ``autoPause``), one small
+root-only JSON file per sandbox. No file means private ports.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from shoal.engine.models import SandboxState, valid_sandbox_id
-from shoal.errors import NotFound
+from shoal.engine.models import valid_sandbox_id
+from shoal.errors import NotFound, ShoalError
 
 SECRET_FILE = "e2b.secret"
 OPTIONS_DIR = "e2b"
@@ -101,7 +102,7 @@ class Tokens:
 
 
 class Options:
-    """Per-sandbox E2B options: ``{"public": bool}`` (``get_host`` traffic without a token)."""
+    """Per-sandbox options: ``{"public": bool, "public_ports": [int], "autoPause": bool}``."""
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / OPTIONS_DIR
@@ -160,15 +161,16 @@ def header(scope: dict, name: bytes) -> str | None:
     return None
 
 
-def unavailable(engine, sid: str) -> str | None:  # noqa: ANN001
-    """Why sandbox traffic for ``sid`` cannot be served, in the words E2B's SDKs look for
-    ("was not found" means not running to them), or None when it is running."""
+def unavailable(gate, sid: str) -> str | None:  # noqa: ANN001
+    """Why sandbox traffic for ``sid`` (its token already checked) cannot be served, as the one gate
+    says it, in the words E2B's SDKs look for ("was not found" means not running to them); None when
+    it can be served."""
+    from shoal.server.gate import SandboxToken
     try:
-        rec = engine.get(sid)
+        gate.usable(sid, SandboxToken(sid))
     except NotFound:
         return f"The sandbox {sid} was not found"
-    if rec.state is SandboxState.PAUSED:
-        return f"The sandbox {sid} was not found: it is paused (connect to resume it)"
-    if rec.state is not SandboxState.RUNNING:
-        return f"The sandbox {sid} was not found: it is {rec.state.value}"
+    except ShoalError as exc:
+        hint = " (connect to resume it)" if "paused" in exc.message else ""
+        return f"The sandbox {sid} was not found: {exc.message}{hint}"
     return None

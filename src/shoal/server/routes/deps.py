@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from fastapi import Depends, Request
 
-from shoal.engine import Engine, SandboxState
+from shoal.engine import Engine
 from shoal.engine.keys import ApiKey
-from shoal.errors import InvalidTransition
 from shoal.runtime.agent_aio import AsyncAgentClient
 from shoal.server.auth import api_key
 
@@ -16,8 +15,5 @@ async def engine(request: Request) -> Engine:
 
 
 async def running_agent(sandbox_id: str, request: Request, key: ApiKey = Depends(api_key)) -> AsyncAgentClient:
-    eng: Engine = request.app.state.engine
-    rec = eng.get(sandbox_id, key)
-    if rec.state is not SandboxState.RUNNING:
-        raise InvalidTransition(rec.state.value, "use", sandbox_id)
-    return AsyncAgentClient(str(eng.runtime.agent_socket(sandbox_id)), sandbox_id)
+    """The caller's usable sandbox's agent, through the one gate (``server/gate.py``)."""
+    return request.app.state.gate.agent(sandbox_id, key)

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse
 from shoal.errors import InvalidRequest
 from shoal.runtime.agent_aio import AsyncAgentClient, AsyncProcessStream
 from shoal.server.models import ExecRequest, ExecResult, ProcessInfo, SignalRequest, Started, StdinRequest
+from shoal.server.plain_exec import PlainExec, PlainExecResponse, unless_disconnected
 from shoal.server.routes.deps import running_agent
 from shoal.server.streams import process_event, respond, wants_stream
 
@@ -54,10 +55,19 @@ async def exec_command(body: ExecRequest, request: Request, agent: AsyncAgentCli
     media = wants_stream(request, body.stream)
     if media:
         return respond(_events(stream), media, on_close=stream.close)
-    result = await stream.wait()
+    job = PlainExec()  # bounded output, chunked encoding, gives up when the caller goes away
+    try:
+        result = await unless_disconnected(job.wait(stream, body.timeout), request.receive)
+    except BaseException:
+        job.release()
+        raise
+    finally:
+        stream.close()
+    if result is None:
+        job.release()
+        return Response(status_code=499)  # nobody reads it: the caller disconnected
     request.app.state.metrics.exec_seconds.observe(time.perf_counter() - started)
-    return JSONResponse({"pid": result.pid, "exit_code": result.exit_code, "signal": result.signal,
-                         "timed_out": result.timed_out, "stdout": result.stdout, "stderr": result.stderr})
+    return PlainExecResponse(result, job)
 
 
 @router.get("/processes", response_model=list[ProcessInfo])

@@ -13,9 +13,7 @@ import json
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from shoal.engine import SandboxState
-from shoal.errors import InvalidTransition, ShoalError
-from shoal.runtime.agent_aio import AsyncAgentClient
+from shoal.errors import ShoalError
 from shoal.server.auth import key_from_headers
 
 router = APIRouter(tags=["processes"])
@@ -25,11 +23,8 @@ _CHANNEL = {"stdout": 1, "pty": 1, "stderr": 2}
 async def _serve(ws: WebSocket, sandbox_id: str, pty: bool) -> None:
     await ws.accept()
     try:
-        eng = ws.app.state.engine
-        key = key_from_headers(ws.headers, eng)
-        rec = eng.get(sandbox_id, key)
-        if rec.state is not SandboxState.RUNNING:
-            raise InvalidTransition(rec.state.value, "use", sandbox_id)
+        key = key_from_headers(ws.headers, ws.app.state.engine)
+        agent = ws.app.state.gate.agent(sandbox_id, key)
         cfg = json.loads(await ws.receive_text())
         default = ["/bin/sh", "-l"] if pty else None
         cmd = cfg.get("cmd") or default
@@ -41,7 +36,7 @@ async def _serve(ws: WebSocket, sandbox_id: str, pty: bool) -> None:
                 req[field] = cfg[field]
         if pty:
             req["pty"] = {"size": {"cols": int(cfg.get("cols", 80)), "rows": int(cfg.get("rows", 24))}}
-        stream = await AsyncAgentClient(str(eng.runtime.agent_socket(sandbox_id)), sandbox_id).start(req)
+        stream = await agent.start(req)
     except ShoalError as exc:
         await ws.send_text(json.dumps({"type": "error", **exc.to_dict()}))
         await ws.close(code=4000 + min(exc.status, 999) % 1000)

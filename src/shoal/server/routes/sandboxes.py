@@ -9,12 +9,27 @@ from starlette.concurrency import run_in_threadpool
 
 from shoal.engine import Engine, SandboxState
 from shoal.engine.keys import ApiKey
+from shoal.engine.models import SandboxRecord
 from shoal.errors import InvalidRequest
 from shoal.server.auth import api_key
-from shoal.server.models import Sandbox, SandboxCreate, TimeoutUpdate
+from shoal.server.models import NetworkUpdate, Sandbox, SandboxCreate, TimeoutUpdate
+from shoal.server.port_access import PortAccess
 from shoal.server.routes.deps import engine
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
+
+
+def _with_access(sandboxes: list[Sandbox], eng: Engine) -> list[Sandbox]:
+    """Add the port settings and the traffic token (the caller owns these sandboxes)."""
+    access = PortAccess(eng)
+    for sb in sandboxes:
+        sb.public_traffic, sb.public_ports = access.publicity(sb.id)
+        sb.traffic_access_token = access.tokens.traffic(sb.id)
+    return sandboxes
+
+
+def _one(rec: SandboxRecord, eng: Engine) -> Sandbox:
+    return _with_access([Sandbox.of(rec)], eng)[0]
 
 
 @router.post("", status_code=201, response_model=Sandbox)
@@ -24,8 +39,10 @@ async def create_sandbox(body: SandboxCreate, request: Request, key: ApiKey = De
     rec = await run_in_threadpool(eng.create, body.template, cpu=body.cpu, memory_mb=body.memory_mb,
                                   disk_mb=body.disk_mb, env=body.env, metadata=body.metadata, timeout=body.timeout,
                                   api_key=key)
+    if body.public_traffic or body.public_ports:
+        PortAccess(eng).set_public(rec.id, body.public_traffic, body.public_ports)
     request.app.state.metrics.create_seconds.observe(time.perf_counter() - started)
-    return Sandbox.of(rec)
+    return _one(rec, eng)
 
 
 @router.get("", response_model=list[Sandbox])
@@ -46,12 +63,12 @@ async def list_sandboxes(key: ApiKey = Depends(api_key), eng: Engine = Depends(e
         if not sep or not k:
             raise InvalidRequest(f"metadata filter must be key=value, not {pair!r}")
         wanted[k] = v
-    return [Sandbox.of(r) for r in eng.list(key, states or None, wanted or None)]
+    return _with_access([Sandbox.of(r) for r in eng.list(key, states or None, wanted or None)], eng)
 
 
 @router.get("/{sandbox_id}", response_model=Sandbox)
 async def get_sandbox(sandbox_id: str, key: ApiKey = Depends(api_key), eng: Engine = Depends(engine)) -> Sandbox:
-    return Sandbox.of(eng.get(sandbox_id, key))
+    return _one(eng.get(sandbox_id, key), eng)
 
 
 @router.delete("/{sandbox_id}", status_code=204)
@@ -63,14 +80,23 @@ async def delete_sandbox(sandbox_id: str, key: ApiKey = Depends(api_key), eng: E
 @router.post("/{sandbox_id}/timeout", response_model=Sandbox)
 async def set_timeout(sandbox_id: str, body: TimeoutUpdate, key: ApiKey = Depends(api_key),
                       eng: Engine = Depends(engine)) -> Sandbox:
-    return Sandbox.of(eng.set_timeout(sandbox_id, body.timeout, key))
+    return _one(eng.set_timeout(sandbox_id, body.timeout, key), eng)
 
 
 @router.post("/{sandbox_id}/pause", response_model=Sandbox)
 async def pause(sandbox_id: str, key: ApiKey = Depends(api_key), eng: Engine = Depends(engine)) -> Sandbox:
-    return Sandbox.of(await run_in_threadpool(eng.pause, sandbox_id, key))
+    return _one(await run_in_threadpool(eng.pause, sandbox_id, key), eng)
 
 
 @router.post("/{sandbox_id}/resume", response_model=Sandbox)
 async def resume(sandbox_id: str, key: ApiKey = Depends(api_key), eng: Engine = Depends(engine)) -> Sandbox:
-    return Sandbox.of(await run_in_threadpool(eng.resume, sandbox_id, key))
+    return _one(await run_in_threadpool(eng.resume, sandbox_id, key), eng)
+
+
+@router.put("/{sandbox_id}/network", response_model=Sandbox)
+async def set_network(sandbox_id: str, body: NetworkUpdate, key: ApiKey = Depends(api_key),
+                      eng: Engine = Depends(engine)) -> Sandbox:
+    """Which ports the port proxy serves without credentials (``public_traffic``: all of them)."""
+    rec = eng.get(sandbox_id, key)
+    PortAccess(eng).set_public(rec.id, body.public_traffic, body.public_ports)
+    return _one(rec, eng)

@@ -23,8 +23,9 @@ async def health() -> Health:
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(request: Request, _key: ApiKey = Depends(api_key)) -> Response:
-    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+async def metrics(request: Request, key: ApiKey = Depends(api_key)) -> Response:
+    """Prometheus metrics: an admin key sees every sandbox, any other key only its own."""
+    return Response(request.app.state.metrics.render(key), media_type="text/plain; version=0.0.4")
 
 
 @router.get("/v1/events", responses={200: {"content": {"application/x-ndjson": {}, "text/event-stream": {}}}})

@@ -1,0 +1,158 @@
+"""A plain exec: run a command to its end, answer its output as one JSON object, and stay bounded.
+
+Sandbox code decides how much it prints and the caller may walk away, so a plain exec
+
+* keeps at most ``max_output()`` bytes of each stream (16 MiB by default), under the daemon-wide
+  ``output_budget.BUDGET``; the rest is drained (the command runs to its end, its exit status is
+  real) and the answer says ``stdout_truncated``/``stderr_truncated``. Streaming gets everything;
+* encodes a big answer in slices, yielding to the event loop between them and sending each as it
+  is made (chunked), so neither ``/health`` nor other requests wait behind a 16 MiB ``json.dumps``
+  and the daemon never holds more than the kept bytes plus one slice per answer;
+* stops waiting when the caller disconnects: the agent connection (a daemon fd) is closed at once.
+  The process keeps running, like any process whose follower went away (its timeout still holds);
+* waits at most the command's timeout plus ``AGENT_TIMEOUT`` for the end: an agent that stops
+  answering mid-command (sandbox root can stop it) gives ``AgentUnavailable``, not a hung request.
+
+Used by the exec fast path (``fastpath.py``) and the FastAPI route (``routes/processes.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import Any
+
+from starlette.responses import Response
+
+from shoal.runtime import agent_aio
+from shoal.runtime.agent_aio import AsyncAgentClient, AsyncProcessStream
+from shoal.runtime.agent_client import ExecResult
+from shoal.runtime.output_budget import BUDGET, CappedOutput, max_output
+
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+#: Answers with at most this much output are encoded in one go (the common case, and the fastest).
+SMALL_ANSWER = 256 * 1024
+#: Bytes of output encoded per slice of a big answer (at most ~6x this as JSON text).
+SLICE = 256 * 1024
+
+
+class PlainExec:
+    """One plain exec's kept output; ``release`` returns its bytes to the daemon-wide budget."""
+
+    def __init__(self) -> None:
+        cap = max_output()
+        self.out, self.err = CappedOutput(cap, BUDGET), CappedOutput(cap, BUDGET)
+
+    async def run(self, agent: AsyncAgentClient, start: dict, stdin: bytes | None, close_stdin: bool,
+                  receive: Receive) -> ExecResult | None:
+        """The finished command, or None if the caller disconnected first."""
+        return await unless_disconnected(self._run(agent, start, stdin, close_stdin), receive)
+
+    async def _run(self, agent: AsyncAgentClient, start: dict, stdin: bytes | None, close_stdin: bool) -> ExecResult:
+        stream = await agent.start(start)
+        try:
+            if stdin is not None:
+                await stream.send_stdin(stdin)
+            if close_stdin:
+                await stream.control({"op": "close_stdin"})
+            return await self.wait(stream, start.get("timeout"))
+        finally:
+            stream.close()
+
+    async def wait(self, stream: AsyncProcessStream, timeout: float | None) -> ExecResult:
+        limit = None if timeout is None else float(timeout) + agent_aio.AGENT_TIMEOUT
+        async with agent_aio.bounded(limit, stream.conn.sandbox_id, "end the command after its timeout"):
+            return await stream.wait(self.out, self.err)
+
+    def release(self) -> None:
+        self.out.release()
+        self.err.release()
+
+
+async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
+    """``await work``, unless the HTTP client disconnects first: then cancel it and return None.
+
+    The work runs in the caller's task (no second task on the hot path); a watcher task cancels it."""
+    me = asyncio.current_task()
+    assert me is not None
+    gone = finished = False
+
+    def disconnected(watcher: asyncio.Task) -> None:
+        nonlocal gone
+        if not finished and not watcher.cancelled() and watcher.exception() is None:
+            gone = True
+            me.cancel()
+    watcher = asyncio.ensure_future(_disconnect(receive))
+    watcher.add_done_callback(disconnected)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # cancelled for another reason (shutdown)
+        me.uncancel()
+        return None
+    finally:
+        finished = True  # a callback already scheduled must not cancel what the caller does next
+        watcher.cancel()
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _head(result: ExecResult) -> dict:
+    return {"pid": result.pid, "exit_code": result.exit_code, "signal": result.signal,
+            "timed_out": result.timed_out, "stdout_truncated": result.stdout_truncated,
+            "stderr_truncated": result.stderr_truncated}
+
+
+def _json_string_parts(data: bytes | bytearray) -> Iterator[bytes]:
+    """``data`` decoded as UTF-8 (invalid bytes replaced) as the inside of a JSON string, in slices.
+
+    The incremental decoder gives exactly what ``data.decode("utf-8", "replace")`` gives, and JSON
+    escapes each character on its own, so the parts join to what ``json.dumps`` of the whole makes."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    view = memoryview(data)
+    for start in range(0, len(data), SLICE):
+        text = decoder.decode(view[start:start + SLICE], start + SLICE >= len(data))
+        yield json.dumps(text)[1:-1].encode("ascii")
+
+
+async def send_result(send: Send, result: ExecResult) -> None:
+    """The answer of a finished plain exec: one JSON object (``ExecResult`` in ``server/models.py``)."""
+    head = _head(result)
+    if len(result.stdout_bytes) + len(result.stderr_bytes) <= SMALL_ANSWER:
+        data = json.dumps({**head, "stdout": result.stdout, "stderr": result.stderr}, separators=(",", ":")).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    opening = json.dumps(head, separators=(",", ":"))[:-1]
+    await send({"type": "http.response.body", "body": (opening + ',"stdout":"').encode(), "more_body": True})
+    for name, data in (("stdout", result.stdout_bytes), ("stderr", result.stderr_bytes)):
+        if name == "stderr":
+            await send({"type": "http.response.body", "body": b'","stderr":"', "more_body": True})
+        for part in _json_string_parts(data):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+            await asyncio.sleep(0)  # a write that did not block did not yield: let other requests in
+    await send({"type": "http.response.body", "body": b'"}'})
+
+
+class PlainExecResponse(Response):
+    """A FastAPI route's answer for a finished plain exec: ``send_result``, then the budget back."""
+
+    def __init__(self, result: ExecResult, job: PlainExec) -> None:
+        super().__init__(status_code=200, media_type="application/json")
+        self.result, self.job = result, job
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        try:
+            await send_result(send, self.result)
+        finally:
+            self.job.release()
