@@ -51,7 +51,9 @@ def test_mountinfo_names_no_host_state_path(engine, agent: AgentClient):
     roots = {str(engine.settings.run_dir), str(engine.settings.sandboxes_dir), str(engine.settings.template_mounts_dir)}
     overlay = [line for line in info.splitlines() if " - overlay " in line]
     assert overlay and not any(r in line for line in overlay for r in roots), overlay
-    # What remains: the agent runtime's bind mount names its directory under the state dir.
+    # No mount at all names a host state path (the agent runtime is a tmpfs of its own, bound whole).
+    state = (str(engine.settings.state_dir), str(engine.settings.run_dir))
+    assert not [line for line in info.splitlines() if any(r in line for r in state)], info
 
 
 def test_database_is_private(engine):

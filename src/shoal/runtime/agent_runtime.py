@@ -9,6 +9,7 @@ once per (interpreter, agent source) pair and shared by every sandbox on the hos
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -19,6 +20,7 @@ import sysconfig
 from pathlib import Path
 
 from shoal.errors import RuntimeFailure
+from shoal.runtime.linux import mounts
 from shoal.settings import Settings
 
 #: Where the runtime appears inside every sandbox.
@@ -74,6 +76,44 @@ def ensure(settings: Settings) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeFailure(f"cannot build the agent runtime: {exc}", step="agent-runtime") from exc
     return target
+
+
+def mounted(settings: Settings) -> Path:
+    """The runtime on a filesystem of its own (a read-only tmpfs under the run directory), made once.
+
+    Sandboxes bind-mount this at ``/.shoal``. A bind of a directory on the host's disk would show that
+    directory's host path in every sandbox's ``/proc/self/mountinfo`` (the mount's root field); a bind of
+    a whole tmpfs shows ``/`` and the source name ``shoal-agent-runtime``, so sandbox code learns nothing
+    of where the host keeps its state. The copy costs about 30 MiB of RAM per instance, once.
+    """
+    source = ensure(settings)
+    base = settings.run_dir / "agent-runtime"
+    point = base / source.name
+    if (point / "READY").exists():
+        return point
+    base.mkdir(parents=True, exist_ok=True)
+    os.chmod(base, 0o711)
+    fd = os.open(base / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if (point / "READY").exists():  # another process mounted it meanwhile
+            return point
+        point.mkdir(exist_ok=True)
+        if not mounts.is_mounted(point):
+            size = sum(f.stat().st_size for f in source.rglob("*") if f.is_file() and not f.is_symlink())
+            mounts.mount("shoal-agent-runtime", point, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
+                         f"mode=0755,size={size + size // 4 + (4 << 20)}")
+        try:
+            shutil.copytree(source, point, symlinks=True, dirs_exist_ok=True,
+                            ignore=lambda d, names: ["READY"] if Path(d) == source else [])
+            shutil.copy2(source / "READY", point / "READY")  # last: READY means complete
+            mounts.mount("none", point, "", mounts.MS_REMOUNT | mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV)
+        except OSError as exc:
+            mounts.umount(point)
+            raise RuntimeFailure(f"cannot mount the agent runtime: {exc}", step="agent-runtime") from exc
+    finally:
+        os.close(fd)
+    return point
 
 
 def _module_files() -> list[Path]:
