@@ -81,7 +81,7 @@ class LinuxRuntime:
 
     def runtime_dir(self) -> Path:
         if self._runtime_dir is None:
-            self._runtime_dir = agent_runtime.ensure(self.settings)
+            self._runtime_dir = agent_runtime.mounted(self.settings)
         return self._runtime_dir
 
     # lifecycle -----------------------------------------------------------------------------
