@@ -12,7 +12,11 @@ fi
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
-APT_PACKAGES="crun erofs-utils debootstrap busybox-static nftables iproute2 python3-venv ca-certificates"
+# skopeo: copies OCI images (registry, OCI layout/archive, docker save archive) for `template build --from-image`
+APT_PACKAGES="crun erofs-utils debootstrap busybox-static nftables iproute2 python3-venv ca-certificates skopeo"
+# docker-registry: the tests' local registry (started by the test fixture on loopback, never as a service)
+[ -n "$extras" ] && APT_PACKAGES="$APT_PACKAGES docker-registry"
+APT_PACKAGES="$APT_PACKAGES zstd"  # zstd-compressed image layers
 missing=""
 for pkg in $APT_PACKAGES; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
@@ -22,6 +26,10 @@ if [ -n "$missing" ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq $missing >/dev/null
+  # the package enables a registry service on :5000; the tests start their own on loopback
+  case "$missing" in *docker-registry*)
+    [ -d /run/systemd/system ] && systemctl disable --now docker-registry >/dev/null 2>&1 || true ;;
+  esac
 fi
 
 PY="${SHOAL_PYTHON:-$(command -v python3)}"

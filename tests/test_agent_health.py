@@ -1,5 +1,7 @@
-"""A sandbox whose agent died says so (issue 7, item 10): state ``error`` with a reason, a ``died``
-event, calls that fail at once with a clear error, and no host resource left but the record."""
+"""A sandbox whose agent died says so (issue 7, item 10): a ``died`` event, calls that fail at once with a
+clear error, and the reason in the API. A ``ram`` sandbox lost its files with it: state ``error`` and no host
+resource left but the record. A ``disk`` sandbox keeps its files: paused to its filesystem, and resume
+starts it again with them (issue 10: no lost data)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def _kill_agent(engine, sid: str) -> int:
 
 
 def test_engine_notices_a_dead_agent(engine, new_sandbox, leftovers):
-    sid = new_sandbox()
+    sid = new_sandbox(layer="ram")
     events: list[dict] = []
     unsubscribe = engine.subscribe(events.append)
     try:
@@ -49,7 +51,7 @@ def test_engine_notices_a_dead_agent(engine, new_sandbox, leftovers):
 
 def test_daemon_reports_a_dead_agent(daemon, engine):
     api = httpx.Client(base_url=daemon.url, headers=daemon.headers, timeout=30)
-    sid = api.post("/v1/sandboxes", json={"template": "minimal", "timeout": 120}).json()["id"]
+    sid = api.post("/v1/sandboxes", json={"template": "minimal", "timeout": 120, "layer": "ram"}).json()["id"]
     try:
         assert api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": ["true"]}).status_code == 200
         _kill_agent(engine, sid)
@@ -64,3 +66,30 @@ def test_daemon_reports_a_dead_agent(daemon, engine):
         assert r.status_code == 409 and "failed" in r.json()["message"], r.text
     finally:
         assert api.delete(f"/v1/sandboxes/{sid}").status_code in (200, 204)
+
+
+def test_a_disk_sandbox_whose_agent_died_keeps_its_files(engine, new_sandbox):
+    sid = new_sandbox()  # the default layer: on the host's disk
+    engine.agent(sid).run(["sh", "-c", "echo kept > /root/data"])
+    events: list[dict] = []
+    unsubscribe = engine.subscribe(events.append)
+    try:
+        _kill_agent(engine, sid)
+        deadline = time.monotonic() + 10
+        failed: list[str] = []
+        while sid not in failed and time.monotonic() < deadline:
+            failed = engine.check_health()
+        assert sid in failed
+    finally:
+        unsubscribe()
+    rec = engine.get(sid)
+    assert (rec.state, rec.pause_mode) == (SandboxState.PAUSED, "filesystem"), rec
+    assert "agent" in rec.reason and "resume" in rec.reason
+    assert [e["type"] for e in events if e["sandbox"]["id"] == sid] == [SandboxEvent.DIED.value]
+    try:
+        engine.agent(sid)
+        raise AssertionError("a paused sandbox must not hand out an agent")
+    except InvalidTransition as exc:
+        assert "paused" in str(exc)
+    engine.resume(sid)
+    assert engine.agent(sid).run(["cat", "/root/data"]).stdout == "kept\n"

@@ -44,7 +44,7 @@ class Interp:
         self.daemon = daemon
         self.client = httpx.Client(base_url=daemon.url, timeout=120)
         self.api = httpx.Client(base_url=daemon.url, headers=daemon.headers, timeout=120)
-        self.tokens = Tokens.of(Settings().state_dir)
+        self.tokens = Tokens(Settings().state_dir)
         self.created: list[str] = []
 
     def create(self, template: str = TEMPLATE) -> str:

@@ -94,7 +94,7 @@ def test_every_surface_refuses_a_paused_sandbox_alike(daemon, api):
 
 
 def test_every_surface_refuses_a_failed_sandbox_alike(daemon, api, engine):
-    sid = api.post("/v1/sandboxes", json={"template": "minimal", "timeout": 600}).json()["id"]
+    sid = api.post("/v1/sandboxes", json={"template": "minimal", "timeout": 600, "layer": "ram"}).json()["id"]
     token = _envd_token(daemon, sid)
     try:
         os.kill(engine.runtime.init_pid(sid), signal.SIGKILL)

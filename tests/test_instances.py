@@ -7,6 +7,7 @@ start-up; it must find only its own resources. A run directory belongs to one in
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -17,15 +18,25 @@ import pytest
 from conftest import DAEMON_BIN, free_port
 from shoal.engine.engine import Engine
 from shoal.errors import Conflict
-from shoal.runtime.linux import cgroups
+from shoal.runtime.linux import cgroups, mounts
 from shoal.settings import Settings
 
 
 @pytest.fixture
 def other_dirs():
-    with tempfile.TemporaryDirectory(prefix="shoal-other-", dir="/var/tmp") as root:
-        os.chmod(root, 0o711)
-        yield Path(root) / "state", Path(root) / "run"
+    """State and run directories of a second instance; everything it made is removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="shoal-other-", dir="/var/tmp"))
+    os.chmod(root, 0o711)
+    try:
+        yield root / "state", root / "run"
+    finally:
+        from shoal.net.network import Network
+        instance = Settings(state_dir=root / "state", run_dir=root / "run").instance
+        net = Network._instances.get(instance)  # the pool an Engine of that instance made in this process
+        if net is not None:
+            net.close()
+        mounts.umount_tree(root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_instance_names_differ_by_state_dir(engine, other_dirs):

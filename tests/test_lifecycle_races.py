@@ -303,7 +303,7 @@ def test_client_vanishing_mid_upload_e2b(client: Client, daemon: RunningDaemon, 
     from shoal.server.e2b.security import Tokens
 
     sid, original, agent_pid = _prepare_upload_target(client, engine)
-    token = Tokens.of(Settings().state_dir).envd(sid)
+    token = Tokens(Settings().state_dir).envd(sid)
     port = int(daemon.url.rsplit(":", 1)[1])
     for _ in range(3):
         before = (fd_count(daemon.proc.pid), fd_count(agent_pid))

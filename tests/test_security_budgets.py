@@ -238,14 +238,14 @@ def test_agent_output_counts_against_the_disk_limit(engine, new_sandbox, base_te
 def test_oom_kills_user_processes_not_the_agent(engine, new_sandbox, base_template):
     """Small processes and a RAM-backed writable layer fill a 64 MiB sandbox: the agent is the
     biggest process there, yet the kernel must pick the user's."""
-    sid = new_sandbox(base_template, memory_mb=64)
+    sid = new_sandbox(base_template, memory_mb=64, layer="ram")  # the disk layer would just take it
     a = engine.agent(sid)
     a.run(["sh", "-c", "for i in $(seq 20); do nohup sleep 600 >/dev/null 2>&1 & done"])
     r = a.run(["sh", "-c", "head -c 200M /dev/zero > /tmp/fill"], timeout=60)
     assert r.exit_code != 0, "the writable layer took 200 MiB in a 64 MiB sandbox: test proves nothing"
     assert (engine.runtime.usage(sid).get("oom_kills") or 0) > 0, "no OOM kill happened: test proves nothing"
     assert engine.runtime.is_alive(sid), "the OOM killer took the agent"
-    assert a.run(["rm", "-f", "/tmp/fill"], timeout=30).exit_code == 0
+    a.remove("/tmp/fill")  # by the agent itself: a new process could be the next OOM victim until then
     assert a.run(["cat", "/proc/self/oom_score_adj"]).stdout == "1000\n"
     assert a.run(["echo", "alive"]).stdout == "alive\n"
 

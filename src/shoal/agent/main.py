@@ -109,7 +109,30 @@ def serve_connection(fd: int) -> None:
         sock.close()
 
 
+#: Written by the image importer (images/oci_image.py): the image's Env, WorkingDir and User.
+TEMPLATE_DEFAULTS = "/etc/shoal/template.json"
+
+
+def _template_defaults() -> None:
+    """Apply the template's process defaults; the create request's env (``SHOAL_ENV``) overrides them."""
+    try:
+        with open(TEMPLATE_DEFAULTS, "rb") as f:
+            found = p.loads(f.read(1 << 20).strip())
+    except (OSError, ValueError):
+        return
+    if not isinstance(found, dict):
+        return
+    env, user, cwd = found.get("env"), found.get("user"), found.get("working_dir")
+    if isinstance(env, dict):
+        processes.base_env.update({str(k): str(v) for k, v in env.items() if k and "=" not in str(k)})
+    if isinstance(user, str) and user:
+        processes.default_user = user.split(":", 1)[0]  # "user:group": the user's own groups apply
+    if isinstance(cwd, str) and cwd.startswith("/"):
+        processes.default_cwd = cwd
+
+
 def _configure() -> None:
+    _template_defaults()
     env = os.environ.get("SHOAL_ENV")
     if env:
         extra = p.loads(env)

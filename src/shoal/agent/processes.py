@@ -27,6 +27,9 @@ LINGER = 5.0
 
 #: Environment every process gets (the sandbox-wide env from create is merged in by ``main``).
 base_env: dict[str, str] = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
+#: The template's user and working directory for requests that name none (an image's User, WorkingDir).
+default_user: str | None = None
+default_cwd: str | None = None
 
 
 class Subscriber:
@@ -217,7 +220,7 @@ def _prepare(req: dict) -> tuple[list[str], dict[str, str], str, users.User]:
         _text(arg, "cmd")
     if req.get("cwd"):
         _text(req["cwd"], "cwd")
-    user = users.lookup(req.get("user"))
+    user = users.lookup(default_user if req.get("user") in (None, "") else req.get("user"))
     env = dict(base_env)
     env.update({"HOME": user.home, "USER": user.name, "LOGNAME": user.name})
     if req.get("pty"):
@@ -229,7 +232,7 @@ def _prepare(req: dict) -> tuple[list[str], dict[str, str], str, users.User]:
         if not isinstance(k, str) or not k or "=" in k:
             raise ValueError(f"invalid environment variable {k!r}")
         env[_text(k, "env")] = _text(v, "env")
-    cwd = req.get("cwd") or user.home
+    cwd = req.get("cwd") or default_cwd or user.home
     if not os.path.isdir(cwd):
         cwd = cwd if req.get("cwd") else "/"
     return argv, env, cwd, user

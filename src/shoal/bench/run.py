@@ -18,6 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shoal.bench.network import network_report, run_network_benchmarks
+from shoal.bench.storage import report as storage_report
+from shoal.bench.storage import run_storage_benchmarks
 from shoal.engine import Engine
 
 TARGETS = {"create_to_first_result_ms": 40.0, "exec_round_trip_ms": 2.0, "idle_memory_mib": 15.0}
@@ -121,6 +124,9 @@ def run_benchmarks(engine: Engine, iterations: int = 30, template: str = "minima
     finally:
         engine.destroy(rec.id)
 
+    results["storage"] = run_storage_benchmarks(engine, template, iterations, _time, _percentiles)
+    results["network"] = run_network_benchmarks(engine, template, iterations, _percentiles)
+
     memory = results["idle_memory_mib"]
     idle = max(memory.get("cgroup_mib", 0.0), memory.get("agent_pss_mib", 0.0))
     results["targets"] = {
@@ -151,4 +157,8 @@ def report(results: dict) -> str:
                      f"p50 {b['p50']:.2f} p95 {b['p95']:.2f}   ratio {r['ratio_p50']}x   "
                      f"{_met(results['targets'][key])}")
     lines.append(f"{'idle_memory_mib':28} {results['idle_memory_mib']}   {_met(results['targets']['idle_memory_mib'])}")
+    if "storage" in results:
+        lines.append(storage_report(results["storage"]))
+    if "network" in results:
+        lines.append(network_report(results["network"]))
     return "\n".join(lines)

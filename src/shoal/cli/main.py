@@ -192,6 +192,8 @@ def _cleanup(sb: Sandbox | None) -> None:
 def create(template: str = typer.Option("minimal", "--template", "-t"),
            cpu: float = typer.Option(1.0, help="CPU cores."), memory: int = typer.Option(512, help="Memory in MiB."),
            disk: int = typer.Option(1024, help="Writable layer size in MiB."),
+           layer: str = typer.Option("disk", help="Writable layer: disk (on the host's disk, survives restarts) "
+                                     "or ram (tmpfs, counted as memory)."),
            env: list[str] = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable."),
            timeout: int = typer.Option(CREATE_TTL, help="Delete it after this many seconds (default 7 days)."),
            metadata: list[str] = typer.Option(None, "--metadata", "-m", help="KEY=VALUE label, repeatable.")
@@ -202,7 +204,7 @@ def create(template: str = typer.Option("minimal", "--template", "-t"),
         _ensure_template(template)
         from shoal.client import Sandbox
         sb = Sandbox.create(template, cpu=cpu, memory_mb=memory, disk_mb=disk, env=env_vars, metadata=labels,
-                            timeout=timeout, **daemon().kwargs)
+                            timeout=timeout, layer=layer, **daemon().kwargs)
         sb.close()
     except BaseException as exc:  # noqa: BLE001
         fail_on(exc)
@@ -298,7 +300,7 @@ def _age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
-def _each(sandbox_ids: list[str], action: str) -> None:
+def _each(sandbox_ids: list[str], action: str, **kwargs: object) -> None:
     """Apply ``action`` (kill, pause, resume) to each sandbox; one line per failure, exit 1 if any."""
     from shoal.errors import NotFound, ShoalError
     failed = False
@@ -309,7 +311,7 @@ def _each(sandbox_ids: list[str], action: str) -> None:
                 if action == "kill" and not sb.kill():
                     raise NotFound(f"sandbox {sid} does not exist")
                 if action != "kill":
-                    getattr(sb, action)()
+                    getattr(sb, action)(**kwargs)
             finally:
                 sb.close()
         except BaseException as exc:  # noqa: BLE001
@@ -328,14 +330,17 @@ def rm(sandbox_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:
 
 
 @app.command()
-def pause(sandbox_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:
+def pause(sandbox_ids: list[str] = typer.Argument(..., metavar="ID..."),
+          filesystem_only: bool = typer.Option(False, "--filesystem-only",
+                                               help="Stop every process and free the memory; keep only the files "
+                                               "(resume starts the sandbox again from them).")) -> None:
     """Freeze every process of the sandboxes (memory and files stay) until `shoal resume`."""
-    _each(sandbox_ids, "pause")
+    _each(sandbox_ids, "pause", **({"filesystem_only": True} if filesystem_only else {}))
 
 
 @app.command()
 def resume(sandbox_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:
-    """Thaw paused sandboxes."""
+    """Thaw paused sandboxes (or start again from their files, after `pause --filesystem-only`)."""
     _each(sandbox_ids, "resume")
 
 
@@ -368,13 +373,27 @@ def daemon_stop() -> None:
 
 # --- templates ------------------------------------------------------------------------------
 @template_app.command("build")
-def template_build(name: str, force: bool = typer.Option(False, "--force", help="Rebuild even if cached.")) -> None:
+def template_build(
+        name: str,
+        force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
+        from_image: str = typer.Option(None, "--from-image", metavar="REF",
+                                       help="Build from an OCI image: registry/name[:tag][@sha256:…], an OCI "
+                                            "layout directory, or an OCI / docker save archive."),
+        insecure_registry: bool = typer.Option(False, "--insecure-registry",
+                                               help="Allow plain HTTP (and unverified TLS) to the registry."),
+        creds: str = typer.Option(None, "--creds", envvar="SHOAL_REGISTRY_CREDS", show_envvar=True,
+                                  help="USER:PASSWORD for the registry (better through the environment)."),
+) -> None:
     """Build a template image (cached: instant when up to date)."""
     try:
         from shoal.images import TemplateStore
         store = TemplateStore()
         with progress_display(f"building {name}") as progress:
-            info = store.build(name, force=force, progress=progress)
+            if from_image is not None:
+                info = store.build_image(name, from_image, insecure=insecure_registry, credentials=creds,
+                                         force=force, progress=progress)
+            else:
+                info = store.build(name, force=force, progress=progress)
     except BaseException as exc:  # noqa: BLE001
         fail_on(exc)
     typer.echo(f"{info.name}: {(info.size_bytes or 0) / 1048576:.1f} MiB at {info.image_path}")
@@ -382,18 +401,26 @@ def template_build(name: str, force: bool = typer.Option(False, "--force", help=
 
 @template_app.command("ls")
 def template_ls(as_json: bool = typer.Option(False, "--json")) -> None:
-    """List templates and whether they are built."""
+    """List templates: built or not, size, source, when built, and the sandboxes using each."""
     from shoal.images import TemplateStore
-    infos = TemplateStore().list()
+    store = TemplateStore()
+    infos = store.list()
+    users: dict[str, list[str]] = {i.name: [] for i in infos}
+    if store.settings.db_path.exists():  # the sandboxes this instance made, by the template they came from
+        from shoal.engine.store import Store
+        for rec in Store(store.settings.db_path).all():
+            users.setdefault(rec.template, []).append(rec.id)
     if as_json:
-        typer.echo(json.dumps([i.to_dict() for i in infos], indent=2, default=str))
+        typer.echo(json.dumps([{**i.to_dict(), "used_by": users[i.name]} for i in infos], indent=2, default=str))
         return
     from rich.console import Console
     from rich.table import Table
-    table = Table("NAME", "BUILT", "SIZE", "DESCRIPTION", box=None)
+    table = Table("NAME", "BUILT", "SIZE", "SOURCE", "CREATED", "USED BY", box=None)
     for i in infos:
         size = f"{i.size_bytes / 1048576:.1f} MiB" if i.size_bytes else "-"
-        table.add_row(i.name, "yes" if i.built else "no", size, i.description)
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(i.built_at)) if i.built_at else "-"
+        used = ", ".join(users[i.name][:3]) + (f" +{len(users[i.name]) - 3}" if len(users[i.name]) > 3 else "")
+        table.add_row(i.name, "yes" if i.built else "no", size, i.source, created, used or "-")
     Console().print(table)
 
 
@@ -494,9 +521,21 @@ def keys_revoke(key_id: str = typer.Argument(..., metavar="ID_OR_NAME")) -> None
 def bench(as_json: bool = typer.Option(False, "--json", help="Print the JSON report only."),
           iterations: int = typer.Option(30, "-n", help="Samples per measurement."),
           template: str = typer.Option("minimal", "--template", "-t"),
-          api: bool = typer.Option(True, "--api/--no-api", help="Also measure through the daemon's REST API.")) -> None:
+          api: bool = typer.Option(True, "--api/--no-api", help="Also measure through the daemon's REST API."),
+          images: bool = typer.Option(False, "--images", help="Only measure OCI image import (~100 MB) "
+                                      "and no-change rebuild, beside tar -x + mkfs.erofs.")) -> None:
     """Measure create → first result, exec round trip, idle memory (and the same through the REST
     API, with exec throughput), each beside a baseline measured in the same run."""
+    if images:
+        try:
+            from shoal.bench.images import report as images_report
+            from shoal.bench.images import run_image_benchmarks
+            from shoal.images import TemplateStore
+            image_result = run_image_benchmarks(TemplateStore())
+        except BaseException as exc:  # noqa: BLE001
+            fail_on(exc)
+        typer.echo(json.dumps(image_result, indent=2) if as_json else images_report(image_result))
+        return
     try:
         from shoal.bench import api as api_bench
         from shoal.bench.run import report, run_benchmarks

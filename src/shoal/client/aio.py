@@ -651,11 +651,12 @@ class AsyncSandbox:
                      timeout: int = 300, env: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
                      *, url: str | None = None, api_key: str | None = None,
                      transport: httpx.AsyncBaseTransport | None = None,
-                     request_timeout: float | None = None) -> AsyncSandbox:
-        """Create a running sandbox; it is deleted after ``timeout`` seconds (see ``set_timeout``)."""
+                     request_timeout: float | None = None, layer: str | None = None) -> AsyncSandbox:
+        """Create a running sandbox; it is deleted after ``timeout`` seconds (see ``set_timeout``).
+        ``layer``: ``disk`` (the daemon's default: files on the host's disk) or ``ram`` (tmpfs)."""
         http = cls._client(url, api_key, transport, request_timeout)
         body = {"template": template, "cpu": cpu, "memory_mb": memory_mb, "disk_mb": disk_mb, "timeout": timeout,
-                "env": dict(env or {}), "metadata": dict(metadata or {})}
+                "env": dict(env or {}), "metadata": dict(metadata or {}), **({"layer": layer} if layer else {})}
         try:
             # an unbuilt template is built first: that can take minutes
             info = SandboxInfo.from_json(await http.json("POST", "/v1/sandboxes", json=body, timeout=STREAM_TIMEOUT))
@@ -715,9 +716,11 @@ class AsyncSandbox:
         return self._info
 
     @_by_id
-    async def pause(self) -> SandboxInfo:
+    async def pause(self, filesystem_only: bool = False) -> SandboxInfo:
+        """Freeze it (memory kept); ``filesystem_only``: stop it and free its memory, keeping its files."""
+        body = {"mode": "filesystem"} if filesystem_only else None
         self._info = SandboxInfo.from_json(await self._http.json("POST", f"/v1/sandboxes/{self.id}/pause",
-                                                                 timeout=STREAM_TIMEOUT))
+                                                                 json=body, timeout=STREAM_TIMEOUT))
         return self._info
 
     @_by_id

@@ -8,17 +8,20 @@ process never mistakes a sandbox being born for a leak.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from shoal.engine.admission import HostCapacity
 from shoal.engine.keys import ApiKey, KeyStore
+from shoal.engine.limits import LIMITS
 from shoal.engine.models import (
     TRANSITIONS,
+    PauseMode,
     SandboxEvent,
     SandboxRecord,
     SandboxState,
@@ -26,31 +29,32 @@ from shoal.engine.models import (
     valid_sandbox_id,
 )
 from shoal.engine.store import Store
-from shoal.errors import InvalidRequest, InvalidTransition, NotFound, QuotaExceeded, ShoalError
+from shoal.engine.text import check_text
+from shoal.errors import (
+    Conflict,
+    InvalidRequest,
+    InvalidTransition,
+    NotFound,
+    QuotaExceeded,
+    RuntimeFailure,
+    ShoalError,
+    from_errno,
+)
 from shoal.images import TemplateStore
+from shoal.locks import file_lock
+from shoal.net import Lease, NetConfig, Network
 from shoal.runtime.agent_client import AgentClient, ExecResult
 from shoal.runtime.base import Runtime, SandboxSpec
 from shoal.settings import Settings
+from shoal.storage.layers import DEFAULT_KIND, KINDS, DiskUsage
 
 Progress = Callable[[str, float | None], None]
 #: ``listener(event)``: event is a dict with ``type`` (a ``SandboxEvent`` value), ``time`` and ``sandbox``
 #: (the record as a dict). Called from whichever thread acted.
 Listener = Callable[[dict], None]
-MAX_TIMEOUT = 7 * 24 * 3600.0
-
-LIMITS = {"cpu": (0.05, 64.0), "memory_mb": (16, 256 * 1024), "disk_mb": (16, 1024 * 1024)}
-
-
-def _check_text(label: str, text: object) -> None:
-    """Strings that reach a process or the store must be valid UTF-8 without NUL bytes."""
-    if not isinstance(text, str):
-        raise InvalidRequest(f"{label} must map strings to strings")
-    if "\0" in text:
-        raise InvalidRequest(f"{label} must be text without NUL bytes")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequest(f"{label} contains text that is not valid UTF-8") from exc
+#: Why a sandbox that was running is paused to its filesystem after the daemon started again.
+HOST_RESTART_REASON = ("its processes were gone when the daemon started (host restart?): paused with its "
+                       "files kept; resume starts it again")
 
 
 def unusable(rec: SandboxRecord) -> ShoalError:
@@ -84,11 +88,18 @@ class Engine:
             from shoal.runtime.linux.runtime import LinuxRuntime
             runtime = LinuxRuntime(self.settings)
         self.runtime = runtime
+        net_config = NetConfig.from_env()
+        #: Sandbox networking (None with ``SHOAL_NET=0``); set up on first use, not here.
+        self.network = Network.for_settings(self.settings, net_config) if net_config.enabled else None
         self.store = Store(self.settings.db_path)
         self.keys = KeyStore(self.settings.db_path)
         self._listeners: list[Listener] = []
         self._admission = threading.Lock()
         self.capacity = HostCapacity.of_this_host()
+        self._transitions: dict[str, threading.Lock] = {}
+        self._transitions_guard = threading.Lock()
+        #: OOM kills already reported per sandbox (``check_health``).
+        self._oom_seen: dict[str, int] = {}
 
     # --- events ----------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -96,8 +107,8 @@ class Engine:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
-    def _emit(self, kind: SandboxEvent, rec: SandboxRecord) -> None:
-        event = {"type": kind.value, "time": time.time(), "sandbox": rec.to_dict()}
+    def _emit(self, kind: SandboxEvent, rec: SandboxRecord, **extra: object) -> None:
+        event = {"type": kind.value, "time": time.time(), "sandbox": rec.to_dict(), **extra}
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -108,25 +119,29 @@ class Engine:
     def create(self, template: str = "minimal", *, cpu: float = 1.0, memory_mb: int = 512, disk_mb: int = 1024,
                env: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
                owner_pid: int | None = None, build: bool = True, progress: Progress | None = None,
-               wait: bool = False, timeout: float | None = None, api_key: ApiKey | None = None) -> SandboxRecord:
+               wait: bool = False, timeout: float | None = None, api_key: ApiKey | None = None,
+               layer: str = DEFAULT_KIND, internet: bool | None = None, network: bool = True) -> SandboxRecord:
         """Create a running sandbox from ``template``.
 
         ``owner_pid`` makes it ephemeral: reconcile deletes it once that process is gone.
         A known but unbuilt template is built first when ``build`` (with ``progress``).
         ``wait`` returns only once the agent answers (otherwise the first call waits for it).
         ``timeout`` (seconds) sets the expiry, after which ``expire`` deletes it; ``api_key`` owns it
-        and its limits apply.
+        and its limits apply. ``layer``: ``disk`` (default; the files live on the host's disk, survive a
+        restart, and a full layer is ENOSPC) or ``ram`` (tmpfs: faster, counted as the sandbox's memory).
+        ``internet``: False keeps it from reaching past the host (None: the daemon's ``SHOAL_INTERNET``);
+        ``network``: False gives it only loopback (``shoal bench`` compares the two).
         """
+        if layer not in KINDS:
+            raise InvalidRequest(f"layer must be one of {', '.join(KINDS)}, not {layer!r}")
         for name, value in (("cpu", cpu), ("memory_mb", memory_mb), ("disk_mb", disk_mb)):
-            lo, hi = LIMITS[name]
-            if not isinstance(value, (int, float)) or not lo <= value <= hi:
-                raise InvalidRequest(f"{name} must be between {lo} and {hi}, not {value!r}")
-        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
-            raise InvalidRequest(f"timeout must be between 1 and {int(MAX_TIMEOUT)} seconds, not {timeout!r}")
+            LIMITS.check(name, value)
+        if timeout is not None:
+            LIMITS.timeout.check(timeout)
         for label, table in (("env", env or {}), ("metadata", metadata or {})):
             for k, v in table.items():
-                _check_text(label, k)
-                _check_text(label, v)
+                check_text(k, f"a key of {label}")
+                check_text(v, f"{label}[{k!r}]")
                 if label == "env" and (not k or "=" in k):
                     raise InvalidRequest(f"invalid environment variable {k!r}")
         info = self.templates.get(template)  # NotFound for unknown names
@@ -140,16 +155,25 @@ class Engine:
             if api_key is not None:
                 self._check_quota(api_key, int(memory_mb))
             rec = self._new_record(template, cpu, memory_mb, disk_mb, env, metadata, owner_pid, timeout, api_key)
+            rec.layer = layer
             self.store.put(rec)
         try:
+            lease = None
+            if self.network is not None and network:
+                lease = self.network.claim(rec.id, internet=internet is not False, lower_dir=lower)
+                rec.address, rec.address6, rec.internet = lease.ipv4, lease.ipv6, lease.internet
             self.runtime.create(SandboxSpec(rec.id, template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
-                                            env=rec.env))
+                                            env={**(lease.env if lease else {}), **rec.env}, layer=rec.layer,
+                                            **self._net_spec(rec.id, lease)))
         except BaseException:
+            self._release_net(rec.id)
             self.store.delete(rec.id)
             raise
         rec.state = SandboxState.RUNNING
         if owner_pid is None:  # persistent: nobody owns it once it runs
             rec.owner_pid = rec.owner_start = None
+        rec.started_at, rec.boot_id = time.time(), str(uuid.uuid4())
+        self._oom_seen[rec.id] = 0
         self.store.put(rec)
         self._emit(SandboxEvent.CREATED, rec)
         if wait:
@@ -202,32 +226,111 @@ class Engine:
         rec = self.get(sandbox_id, api_key)
         if rec.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
             raise InvalidTransition(rec.state.value, "set the timeout of", sandbox_id)
-        if not 0 < timeout <= MAX_TIMEOUT:
-            raise InvalidRequest(f"timeout must be between 1 and {int(MAX_TIMEOUT)} seconds, not {timeout!r}")
+        LIMITS.timeout.check(timeout)
         rec.expires_at = time.time() + timeout
         self.store.put(rec)
         self._emit(SandboxEvent.TIMEOUT, rec)
         return rec
 
-    def pause(self, sandbox_id: str, api_key: ApiKey | None = None) -> SandboxRecord:
-        """RUNNING → PAUSED: every process is frozen; memory and files stay."""
-        rec = self.get(sandbox_id, api_key)
-        if rec.state is not SandboxState.RUNNING:
-            raise InvalidTransition(rec.state.value, "pause", sandbox_id)
-        self.runtime.pause(sandbox_id)
-        self._move(rec, SandboxState.PAUSED)
+    def pause(self, sandbox_id: str, api_key: ApiKey | None = None,
+              mode: PauseMode | str = PauseMode.MEMORY) -> SandboxRecord:
+        """RUNNING → PAUSED. ``memory``: every process is frozen; memory and files stay.
+        ``filesystem`` (also from a memory pause): every process is stopped and its memory freed; the
+        files stay on the host's disk (``disk`` layer only) and ``resume`` starts the sandbox from them."""
+        try:
+            mode = PauseMode(mode)
+        except ValueError as exc:
+            raise InvalidRequest(f"pause mode must be memory or filesystem, not {mode!r}") from exc
+        with self._transition(sandbox_id):
+            rec = self.get(sandbox_id, api_key)
+            if mode is PauseMode.MEMORY:
+                if rec.state is not SandboxState.RUNNING:
+                    raise InvalidTransition(rec.state.value, "pause", sandbox_id)
+                self.runtime.pause(sandbox_id)
+                rec.pause_mode = PauseMode.MEMORY.value
+                self._move(rec, SandboxState.PAUSED)
+                self.store.put(rec)
+            else:
+                self._pause_to_filesystem(rec)
         self._emit(SandboxEvent.PAUSED, rec)
         return rec
 
+    def _pause_to_filesystem(self, rec: SandboxRecord) -> None:
+        if not (rec.state is SandboxState.RUNNING or (rec.state is SandboxState.PAUSED
+                                                      and rec.pause_mode != PauseMode.FILESYSTEM.value)):
+            raise InvalidTransition(rec.state.value if rec.state is not SandboxState.PAUSED
+                                    else "paused to its filesystem", "pause to the filesystem", rec.id)
+        if rec.layer != "disk":
+            raise Conflict(f"sandbox {rec.id} keeps its files in memory (layer {rec.layer}): pausing to the "
+                           "filesystem would lose them; create it with layer disk, or pause keeping memory")
+        # The record says "paused to the filesystem" before the host is touched: if this process dies
+        # half-way, reconcile (and resume) finish the stop from there; the files are never at risk.
+        rec.state, rec.pause_mode = SandboxState.PAUSED, PauseMode.FILESYSTEM.value
+        self.store.put(rec)
+        self._oom_seen.pop(rec.id, None)
+        try:
+            self.runtime.stop(rec.id)
+        except OSError as exc:
+            raise RuntimeFailure(f"stopping sandbox {rec.id}: {from_errno(exc).message} (its files are kept; "
+                                 "resume or the next reconcile finishes the stop)", "pause", rec.id) from exc
+
     def resume(self, sandbox_id: str, api_key: ApiKey | None = None) -> SandboxRecord:
-        """PAUSED → RUNNING."""
-        rec = self.get(sandbox_id, api_key)
-        if rec.state is not SandboxState.PAUSED:
-            raise InvalidTransition(rec.state.value, "resume", sandbox_id)
-        self.runtime.resume(sandbox_id)
-        self._move(rec, SandboxState.RUNNING)
+        """PAUSED → RUNNING: thawed (memory pause), or started again from its files (filesystem pause:
+        new processes, a new ``boot_id``). A failed start leaves it paused with its files."""
+        with self._transition(sandbox_id):
+            rec = self.get(sandbox_id, api_key)
+            if rec.state is not SandboxState.PAUSED:
+                raise InvalidTransition(rec.state.value, "resume", sandbox_id)
+            if rec.pause_mode == PauseMode.FILESYSTEM.value:
+                self._start_from_files(rec)
+            else:
+                self.runtime.resume(sandbox_id)
+            rec.pause_mode = rec.reason = None
+            self._move(rec, SandboxState.RUNNING)
+            self.store.put(rec)
         self._emit(SandboxEvent.RESUMED, rec)
         return rec
+
+    def _start_from_files(self, rec: SandboxRecord) -> None:
+        try:
+            self.runtime.destroy(rec.id, keep_files=True)  # what a crashed pause or resume left running
+        except OSError as exc:
+            raise RuntimeFailure(f"clearing what is left of sandbox {rec.id}: {from_errno(exc).message}",
+                                 "resume", rec.id) from exc
+        if not self.runtime.has_files(rec.id):
+            raise RuntimeFailure(f"the files of sandbox {rec.id} are gone from the host", "resume", rec.id)
+        lower = self.templates.mount(rec.template)
+        net = self._net_spec(rec.id)
+        claimed = False
+        if not net and self.network is not None and rec.address is not None:
+            # Its slot is gone (a host reboot emptied the run directory): a new one, maybe new addresses.
+            lease = self.network.claim(rec.id, internet=rec.internet is not False, lower_dir=lower)
+            rec.address, rec.address6, claimed = lease.ipv4, lease.ipv6, True
+            net = self._net_spec(rec.id, lease)
+        try:
+            self.runtime.create(SandboxSpec(rec.id, rec.template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
+                                            env=rec.env, layer=rec.layer, keep_files=True, **net))
+        except BaseException:
+            if claimed:
+                self._release_net(rec.id)
+            raise
+        rec.started_at, rec.boot_id = time.time(), str(uuid.uuid4())
+        self._oom_seen[rec.id] = 0
+
+    @contextmanager
+    def _transition(self, sandbox_id: str) -> Iterator[None]:
+        """One pause/resume of a sandbox at a time in this process, and none while a reconcile (in any
+        process) runs: reconcile takes its lock exclusively, a transition takes it shared. A reconcile
+        must never see a sandbox half-started by a resume and tear it down as a leftover."""
+        with self._transitions_guard:
+            lock = self._transitions.setdefault(sandbox_id, threading.Lock())
+        with lock, file_lock(self.settings.state_dir / "reconcile.lock", exclusive=False):
+            yield
+
+    def disk_usage(self, sandbox_id: str) -> DiskUsage | None:
+        """Used/total bytes of the sandbox's writable layer while it is mounted (running or frozen)."""
+        usage = self.runtime.disk_usage(sandbox_id)
+        return usage if isinstance(usage, DiskUsage) else None
 
     def expire(self, now: float | None = None) -> list[str]:
         """Delete every RUNNING (or failed) sandbox past its expiry (paused ones wait to be resumed)."""
@@ -265,17 +368,20 @@ class Engine:
         try:
             self.runtime.destroy(sandbox_id)
         finally:
+            self._release_net(sandbox_id)
             self.store.delete(sandbox_id)
+            self._oom_seen.pop(sandbox_id, None)
             rec.state = SandboxState.DELETED
             self._emit(SandboxEvent.DELETED, rec)
 
     def check_health(self) -> list[str]:
-        """Move RUNNING sandboxes whose agent (PID 1) is gone to ``error``; returns their ids.
+        """Take RUNNING sandboxes whose agent (PID 1) is gone out of ``running``; returns their ids.
 
         Sandbox root can take its own agent down (fill memory, ``prlimit``, ptrace); the API must then
         say so instead of reporting ``running`` while every call fails. When PID 1 dies the kernel kills
-        the whole sandbox, so its host resources are freed at once; the record stays, in ``error`` with
-        the reason, until it is deleted or expires.
+        the whole sandbox. A ``disk`` sandbox keeps its files: it becomes paused to its filesystem, with
+        the reason, and resume starts it again. A ``ram`` sandbox's files died with it: it moves to
+        ``error`` with the reason and its host resources are freed at once. Either way: a ``died`` event.
         """
         failed = []
         for rec in self.store.all():
@@ -284,16 +390,46 @@ class Engine:
             oom = (self.runtime.usage(rec.id).get("oom_kills") or 0) > 0
             reason = ("its agent (PID 1) was killed by the out-of-memory killer" if oom
                       else "its agent (PID 1) exited")
-            if not self.store.fail(rec.id, SandboxState.RUNNING, reason):
+            keep = rec.layer != "ram" and self.runtime.has_files(rec.id)
+            if keep:
+                reason += "; paused with its files kept: resume starts it again"
+                moved = self.store.transition(rec.id, SandboxState.RUNNING, SandboxState.PAUSED, reason,
+                                              PauseMode.FILESYSTEM.value)
+            else:
+                moved = self.store.transition(rec.id, SandboxState.RUNNING, SandboxState.ERROR, reason)
+            if not moved:
                 continue  # a pause or delete got there first
-            rec.state, rec.reason = SandboxState.ERROR, reason
-            try:
-                self.runtime.destroy(rec.id)
-            except (ShoalError, OSError):
-                pass  # the record stays; delete or the next reconcile retries
+            rec.reason = reason
+            if keep:
+                rec.state, rec.pause_mode = SandboxState.PAUSED, PauseMode.FILESYSTEM.value
+                self._finish_stop(rec)  # its network slot stays: the same addresses after resume
+            else:
+                rec.state = SandboxState.ERROR
+                try:
+                    self.runtime.destroy(rec.id)
+                    self._release_net(rec.id)
+                except (ShoalError, OSError):
+                    pass  # the record stays; delete or the next reconcile retries
             self._emit(SandboxEvent.DIED, rec)
             failed.append(rec.id)
+        self._report_oom_kills()
         return failed
+
+    def _report_oom_kills(self) -> None:
+        """Emit ``oom`` for each RUNNING sandbox whose cgroup's OOM-kill count rose since the last look.
+
+        A sandbox this process did not start (found again after a daemon restart) is first only counted:
+        its kills before now were reported by the daemon that saw them."""
+        for rec in self.store.all():
+            if rec.state is not SandboxState.RUNNING:
+                continue
+            kills = self.runtime.usage(rec.id).get("oom_kills")
+            if kills is None:
+                continue
+            seen = self._oom_seen.setdefault(rec.id, kills)
+            if kills > seen:
+                self._oom_seen[rec.id] = kills
+                self._emit(SandboxEvent.OOM, rec, oom_kills=kills)
 
     def _move(self, rec: SandboxRecord, to: SandboxState) -> None:
         if to not in TRANSITIONS[rec.state] and rec.state is not to:
@@ -302,18 +438,9 @@ class Engine:
         self.store.set_state(rec.id, to)
 
     # --- recovery --------------------------------------------------------------------------
-    @contextmanager
-    def _reconcile_lock(self) -> Iterator[bool]:
-        fd = os.open(self.settings.state_dir / "reconcile.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)
+    def _reconcile_lock(self) -> contextlib.AbstractContextManager[bool]:
+        """Held exclusively by one reconcile at a time (the others skip); transitions hold it shared."""
+        return file_lock(self.settings.state_dir / "reconcile.lock", wait=False)
 
     def _owner_alive(self, rec: SandboxRecord) -> bool:
         if rec.owner_pid is None:
@@ -337,19 +464,60 @@ class Engine:
                     dead = not self._owner_alive(rec)  # its creator or destroyer died mid-way
                 elif rec.owner_pid is not None and not self._owner_alive(rec):
                     dead = True  # an ephemeral sandbox (shoal run) whose owner is gone
+                elif rec.state is SandboxState.PAUSED and rec.pause_mode == PauseMode.FILESYSTEM.value:
+                    self._finish_stop(rec)  # a pause to the filesystem may have died half-way
+                    continue
+                elif (rec.state in (SandboxState.RUNNING, SandboxState.PAUSED) and not self.runtime.is_alive(rec.id)
+                      and self.runtime.has_files(rec.id) and self.runtime.disk_usage(rec.id) is None):
+                    # A host restart took its processes and its mounts (an agent that merely died leaves
+                    # them, and is deleted below as before); its files are on disk.
+                    self._paused_by_host(rec)
+                    continue
                 else:
-                    dead = rec.state is SandboxState.RUNNING and not self.runtime.is_alive(rec.id)
+                    # Its agent is gone: a ``ram`` layer went with it (and with a host restart).
+                    dead = (rec.state in (SandboxState.RUNNING, SandboxState.PAUSED)
+                            and not self.runtime.is_alive(rec.id))
                 if dead:
                     self._force_destroy(rec.id)
                     cleaned.append(rec.id)
             for sid in on_host - set(known):
                 self._force_destroy(sid)
                 cleaned.append(sid)
+            if self.network is not None:  # orphaned slots freed, the rules of the rest restored
+                self.network.reconcile(lambda: {rec.id for rec in self.store.all()})  # read after the slots
         return cleaned
+
+    def _finish_stop(self, rec: SandboxRecord) -> None:
+        try:
+            self.runtime.destroy(rec.id, keep_files=True)
+        except (ShoalError, OSError):
+            pass  # the next reconcile, or resume, tries again; the files stay either way
+
+    def _paused_by_host(self, rec: SandboxRecord) -> None:
+        self._finish_stop(rec)
+        rec.state, rec.pause_mode, rec.reason = SandboxState.PAUSED, PauseMode.FILESYSTEM.value, HOST_RESTART_REASON
+        self.store.put(rec)
+        self._emit(SandboxEvent.PAUSED, rec)
 
     def _force_destroy(self, sandbox_id: str) -> None:
         try:
             self.runtime.destroy(sandbox_id)
+            self._release_net(sandbox_id)
         except (ShoalError, OSError):
             pass  # left for the next reconcile; one stubborn sandbox must not stop the others
         self.store.delete(sandbox_id)
+
+    # --- network (shoal.net) ---------------------------------------------------------------
+    def _net_spec(self, sandbox_id: str, lease: Lease | None = None) -> dict:
+        """The ``SandboxSpec`` fields that put a sandbox in its network namespace (kept across a pause to
+        the filesystem: the same addresses after resume)."""
+        if lease is None and self.network is not None:
+            slot = self.network.slot_of(sandbox_id)
+            lease = None if slot is None else self.network.lease(sandbox_id, slot, False)
+        if lease is None:
+            return {}
+        return {"netns": str(lease.netns), "sysfs": str(lease.sysfs), "etc_files": lease.etc_files}
+
+    def _release_net(self, sandbox_id: str) -> None:
+        if self.network is not None:
+            self.network.release(sandbox_id)

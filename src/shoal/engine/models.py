@@ -8,6 +8,15 @@ import string
 from dataclasses import asdict, dataclass, field
 
 
+class PauseMode(str, enum.Enum):
+    """What a paused sandbox keeps. ``memory``: every process is frozen, RAM stays charged, resume thaws
+    them. ``filesystem``: every process is stopped and its RAM freed; only the files (the ``disk`` layer)
+    stay, and resume starts the sandbox again from them (a new ``boot_id``)."""
+
+    MEMORY = "memory"
+    FILESYSTEM = "filesystem"
+
+
 class SandboxState(str, enum.Enum):
     CREATING = "creating"
     RUNNING = "running"
@@ -22,7 +31,10 @@ class SandboxEvent(str, enum.Enum):
 
     ``created`` a sandbox runs · ``paused`` / ``resumed`` frozen / thawed · ``timeout`` its expiry moved ·
     ``expired`` its timeout passed (``deleted`` follows) · ``died`` its agent (PID 1) is gone while it
-    should run: the sandbox moved to ``error`` with a ``reason`` · ``deleted`` gone for good.
+    should run: a ``disk`` sandbox is paused to its filesystem (resume restarts it with its files), a
+    ``ram`` one moved to ``error``, both with a ``reason`` · ``oom`` the out-of-memory killer
+    killed a process in it (the event carries ``oom_kills``, the sandbox's total so far); it still runs ·
+    ``deleted`` gone for good.
     """
 
     CREATED = "created"
@@ -31,6 +43,7 @@ class SandboxEvent(str, enum.Enum):
     TIMEOUT = "timeout"
     EXPIRED = "expired"
     DIED = "died"
+    OOM = "oom"
     DELETED = "deleted"
 
 
@@ -75,8 +88,21 @@ class SandboxRecord:
     owner_start: int | None = None
     expires_at: float | None = None
     api_key: str | None = None
-    #: Why the sandbox is in ``error`` (e.g. its agent died, and whether the OOM killer did it).
+    #: Why the sandbox is in ``error`` (e.g. its agent died, and whether the OOM killer did it), or why
+    #: the host paused it (its processes were gone after a host restart; its files were kept).
     reason: str | None = None
+    #: The writable layer: ``disk`` (an image on the host's disk) or ``ram`` (tmpfs, counted as memory).
+    layer: str = "disk"
+    #: While ``paused``: what the pause kept (``PauseMode``).
+    pause_mode: str | None = None
+    #: When its processes last started (create, or resume from the filesystem), and an id for that boot.
+    started_at: float | None = None
+    boot_id: str | None = None
+    #: Its network (``shoal.net``): IPv4 and IPv6 address, and whether it may reach the internet;
+    #: None when it has no interface but loopback.
+    address: str | None = None
+    address6: str | None = None
+    internet: bool | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -31,13 +31,19 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     owner_start INTEGER,
     expires_at REAL,
     api_key TEXT,
-    reason TEXT
+    reason TEXT,
+    layer TEXT,
+    pause_mode TEXT,
+    started_at REAL,
+    boot_id TEXT
 );
 """
 _COLUMNS = ("id", "template", "state", "cpu", "memory_mb", "disk_mb", "created_at", "runtime", "env",
-            "metadata", "owner_pid", "owner_start", "expires_at", "api_key", "reason")
+            "metadata", "owner_pid", "owner_start", "expires_at", "api_key", "reason", "layer", "pause_mode",
+            "started_at", "boot_id", "address", "address6", "internet")
 #: Columns added after the first release: (name, SQL type), added to older databases on open.
-_ADDED_COLUMNS = (("reason", "TEXT"),)
+_ADDED_COLUMNS = (("reason", "TEXT"), ("layer", "TEXT"), ("pause_mode", "TEXT"), ("started_at", "REAL"),
+                  ("boot_id", "TEXT"), ("address", "TEXT"), ("address6", "TEXT"), ("internet", "INTEGER"))
 
 
 def connect_private(path: Path) -> sqlite3.Connection:
@@ -80,6 +86,8 @@ class Store:
         d["state"] = SandboxState(d["state"])
         d["env"] = json.loads(d["env"])
         d["metadata"] = json.loads(d["metadata"])
+        d["layer"] = d["layer"] or "ram"  # records from before the disk layer lived on a tmpfs
+        d["internet"] = None if d["internet"] is None else bool(d["internet"])
         return SandboxRecord(**d)
 
     def put(self, rec: SandboxRecord) -> None:
@@ -105,11 +113,12 @@ class Store:
         with self._lock:
             self._db.execute("UPDATE sandboxes SET state=? WHERE id=?", (state.value, sandbox_id))
 
-    def fail(self, sandbox_id: str, expected: SandboxState, reason: str) -> bool:
-        """``expected`` → ``error`` with ``reason``, only if still in ``expected`` (a destroy may have begun)."""
+    def transition(self, sandbox_id: str, expected: SandboxState, to: SandboxState, reason: str,
+                   pause_mode: str | None = None) -> bool:
+        """``expected`` → ``to`` with ``reason``, only if still in ``expected`` (a destroy may have begun)."""
         with self._lock:
-            cur = self._db.execute("UPDATE sandboxes SET state=?, reason=? WHERE id=? AND state=?",
-                                   (SandboxState.ERROR.value, reason, sandbox_id, expected.value))
+            cur = self._db.execute("UPDATE sandboxes SET state=?, reason=?, pause_mode=? WHERE id=? AND state=?",
+                                   (to.value, reason, pause_mode, sandbox_id, expected.value))
         return cur.rowcount == 1
 
     def delete(self, sandbox_id: str) -> None:

@@ -251,7 +251,7 @@ def _populate_base(tree: Path, log: Log, cache_dir: Path) -> None:
 
 #: What E2B's ``code-interpreter-v1`` promises, pinned. Installed into the sandbox's system Python
 #: (/usr/local/lib/python3.11/dist-packages) so that ``python3`` in a terminal sees them too.
-#: ``jupyter_client`` is all the kernel server (shoal/server/e2b/kernel_server.py) needs.
+#: ``jupyter_client`` is all the kernel server (shoal/inside/kernel_server.py) needs.
 INTERPRETER_PACKAGES = ["ipykernel==7.4.0", "jupyter_client==8.10.0", "numpy==2.4.6", "pandas==3.1.1",
                         "matplotlib==3.11.2"]
 #: Test suites shipped inside wheels: never imported by user code, a fifth of the installed size.

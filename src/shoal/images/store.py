@@ -8,6 +8,7 @@ Layout::
     <state_dir>/templates/<name>/.lock         flock: one build/remove of <name> at a time
     <state_dir>/templates/<name>/.build-tmp/   the tree while building (always removed)
     <state_dir>/cache/<name>/                  a recipe's download cache (debootstrap's .debs)
+    <state_dir>/images/                        image templates' blob cache (see ``image_templates``)
     <run_dir>/templates/<name>-<digest>/       the image, mounted read-only once per host
     <run_dir>/templates/.<name>.lock           flock: one mount/unmount of <name> at a time
 
@@ -18,8 +19,8 @@ gets a new mount point while sandboxes still running on the old one keep it.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -27,15 +28,16 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shoal.errors import Conflict, NotFound, RuntimeFailure, ShoalError, from_errno
+from shoal.images import image_templates
 from shoal.images.erofs import make_image, shift_ownership
 from shoal.images.recipes import RECIPES, Recipe
 from shoal.images.usage import overlays_on
+from shoal.locks import file_lock
 from shoal.runtime.linux import mounts
 from shoal.settings import Settings
 
@@ -46,16 +48,9 @@ IMAGE_NAME = "image.erofs"
 META_NAME = "meta.json"
 LOG_NAME = "build.log"
 
-@contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def _flock(path: Path) -> contextlib.AbstractContextManager[bool]:
     """An exclusive flock on ``path``, across processes (and threads: each call opens its own fd)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return file_lock(path)
 
 
 def _digest(name: str, version: str) -> str:
@@ -76,6 +71,8 @@ class TemplateInfo:
     digest: str               #: short hash of name + version; part of the mount point's name
     mounted: bool
     parent: str | None = None
+    source: str = ""          #: "recipe:<name>", or the image it was built from ("docker://…", "oci-archive:…")
+    defaults: dict[str, object] | None = None  #: an image's Env, WorkingDir, User, Entrypoint, Cmd, ports
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -122,7 +119,9 @@ class TemplateStore:
             return None
 
     def get(self, name: str) -> TemplateInfo:
-        """The template's state; NotFound for a name no recipe has."""
+        """The template's state; NotFound for a name no recipe or built image has."""
+        if name not in self.recipes:
+            return self._image_info(name)
         recipe = self._recipe(name)
         version = self._version(recipe)
         digest = _digest(name, version)
@@ -136,11 +135,28 @@ class TemplateStore:
             built_at=float(meta["built_at"]) if built and meta else None,  # type: ignore[arg-type]
             version=version, digest=digest,
             mounted=mounts.is_mounted(self._mount_point(name, digest)), parent=recipe.parent,
+            source=f"recipe:{name}",
+        )
+
+    def _image_info(self, name: str) -> TemplateInfo:
+        meta = self._read_meta(name) if image_templates.NAME_RE.fullmatch(name or "") else None
+        if meta is None or not image_templates.is_image_meta(meta):
+            known = ", ".join([*self.recipes, *image_templates.image_names(self)])
+            raise NotFound(f"unknown template '{name}' (known: {known})")
+        image = self._dir(name) / IMAGE_NAME
+        built = image.is_file() and meta.get("uid_base") == self.settings.uid_base
+        version, digest = str(meta.get("version")), str(meta.get("digest"))
+        return TemplateInfo(
+            name=name, description=f"image {meta.get('source')}", built=built, image_path=image,
+            size_bytes=image.stat().st_size if built else None,
+            built_at=float(meta["built_at"]) if built else None,  # type: ignore[arg-type]
+            version=version, digest=digest, mounted=mounts.is_mounted(self._mount_point(name, digest)),
+            source=str(meta.get("source")), defaults=meta.get("defaults"),  # type: ignore[arg-type]
         )
 
     def list(self) -> list[TemplateInfo]:
-        """Every known template, built or not, in registry order."""
-        return [self.get(name) for name in self.recipes]
+        """Every known template, built or not: recipes in registry order, then images by name."""
+        return [self.get(name) for name in [*self.recipes, *image_templates.image_names(self)]]
 
     def is_mounted(self, name: str) -> bool:
         """True if the current version of ``name`` is mounted on this host."""
@@ -152,8 +168,12 @@ class TemplateStore:
         """Build ``name`` unless an image of its current version exists (or ``force``); return its info.
 
         Concurrent builds of one template are serialized by a lock; a builder that waited finds
-        the image the first one made and returns it.
+        the image the first one made and returns it. An image template is rebuilt from its source.
         """
+        if name not in self.recipes:
+            meta = self._read_meta(self._image_info(name).name) or {}
+            return self.build_image(name, str(meta["source"]), insecure=bool(meta.get("insecure")), force=force,
+                                    progress=progress)
         recipe = self._recipe(name)
         report: Progress = progress or (lambda message, fraction: None)
         info = self.get(name)
@@ -177,6 +197,14 @@ class TemplateStore:
             self._refresh_mount(name, info.digest)  # a mount of the image just replaced is stale
             report(f"done: {name} {size / 2**20:.1f} MiB in {time.monotonic() - started:.1f} s", 1.0)
             return self.get(name)
+
+    def build_image(self, name: str, ref: str, *, insecure: bool = False, credentials: str | None = None,
+                    force: bool = False, progress: Progress | None = None) -> TemplateInfo:
+        """Build template ``name`` from an OCI image (registry reference, OCI layout dir, OCI or docker
+        archive); instant when the source has not changed. See ``image_templates``."""
+        image_templates.build_image(self, name, ref, insecure=insecure, credentials=credentials, force=force,
+                                    progress=progress)
+        return self.get(name)
 
     def _build_locked(self, recipe: Recipe, info: TemplateInfo, report: Progress) -> int:
         tdir = self._dir(recipe.name)
@@ -272,7 +300,8 @@ class TemplateStore:
 
     def remove(self, name: str) -> None:
         """Unmount and delete the template's image. Conflict if sandboxes still use it."""
-        self._recipe(name)
+        if name not in self.recipes:
+            self._image_info(name)
         tdir = self._dir(name)
         if not tdir.is_dir() and not self._mount_points(name):
             raise NotFound(f"template '{name}' is not built")
@@ -299,6 +328,7 @@ class TemplateStore:
                     _remove_tree(path)
                 else:
                     path.unlink()
+        image_templates.collect_blobs(self)
 
 
 def _remove_tree(path: Path) -> None:

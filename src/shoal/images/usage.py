@@ -57,6 +57,10 @@ def overlays_on(point: Path) -> list[str]:
             fields = tail.split()
             if not sep or len(fields) < 3 or fields[0] != "overlay":
                 continue
-            if any(layer == base or layer.startswith(base + "/") for layer in _lower_layers(fields[2])):
-                found.append(f"pid {entry.name}: {_unescape(head.split()[4])}")
+            where = _unescape(head.split()[4])
+            # a relative layer (mounts.mount_overlay) is relative to the directory holding the overlay
+            layers = [os.path.normpath(os.path.join(os.path.dirname(where), layer))
+                      for layer in _lower_layers(fields[2])]
+            if any(layer == base or layer.startswith(base + "/") for layer in layers):
+                found.append(f"pid {entry.name}: {where}")
     return found

@@ -24,6 +24,15 @@ class SandboxSpec:
     disk_mb: int = 1024
     pids_limit: int = 1024
     env: dict[str, str] = field(default_factory=dict)
+    #: The writable layer: ``disk`` (an image on the host's disk) or ``ram`` (tmpfs, counted as memory).
+    layer: str = "disk"
+    #: Start again from the files the sandbox already has (after ``stop``), instead of an empty layer.
+    keep_files: bool = False
+    #: A network namespace to join (``shoal.net``) and the sysfs mounted for it; None: a new empty one.
+    netns: str | None = None
+    sysfs: str | None = None
+    #: Files written into the writable layer's ``/etc`` (``resolv.conf``, a CA bundle), owned by sandbox root.
+    etc_files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,9 @@ class Runtime(Protocol):
     def create(self, spec: SandboxSpec) -> Path:
         """Bring the sandbox up; return the host path of its agent socket."""
 
-    def destroy(self, sandbox_id: str) -> None:
-        """Free every host resource of the sandbox; a no-op for one that is already gone."""
+    def destroy(self, sandbox_id: str, keep_files: bool = False) -> None:
+        """Free every host resource of the sandbox (but its files, with ``keep_files``); a no-op for one
+        that is already gone."""
 
     def agent_socket(self, sandbox_id: str) -> Path:
         """Where the sandbox's agent listens (on the host)."""
@@ -62,3 +72,12 @@ class Runtime(Protocol):
 
     def resume(self, sandbox_id: str) -> None:
         """Undo ``pause``."""
+
+    def stop(self, sandbox_id: str) -> None:
+        """Stop every process and free the sandbox's memory; its files stay (``Conflict`` if they cannot)."""
+
+    def has_files(self, sandbox_id: str) -> bool:
+        """True if the sandbox's files are kept on the host (it can start again from them)."""
+
+    def disk_usage(self, sandbox_id: str) -> object | None:
+        """Used/total bytes of the mounted writable layer (``.used``, ``.total``), or ``None``."""

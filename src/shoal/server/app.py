@@ -1,6 +1,11 @@
 """The ASGI app: native REST under /v1, health, metrics, events, the MCP endpoint at /mcp, and the
-E2B control plane (/sandboxes, /v2/sandboxes); ``create_asgi`` adds the sandbox traffic routing
-(E2B envd, code interpreter, sandbox ports) in front of it."""
+E2B wing (control plane /sandboxes, /v2/sandboxes, signed-URL /files); ``create_asgi`` adds the
+sandbox traffic routing (sandbox ports; the E2B wing's envd and code interpreter) in front of it.
+
+This is where the daemon's single instances are made and wired: the gate, the per-sandbox options
+store, the sandbox tokens, port access and the E2B wing. Nothing else makes them, nothing caches
+them per process or on the engine.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +20,16 @@ from starlette.concurrency import run_in_threadpool
 from shoal import __version__
 from shoal.engine import Engine
 from shoal.server import errors
+from shoal.server.e2b.security import Tokens
+from shoal.server.e2b.wing import E2B
 from shoal.server.fastpath import ExecFastPath
 from shoal.server.gate import Gate
 from shoal.server.metrics import Metrics
+from shoal.server.port_access import PortAccess
+from shoal.server.portproxy import PortProxy
 from shoal.server.routes import files, processes, pty, sandboxes, system
+from shoal.server.sandbox_options import SandboxOptions
+from shoal.server.sandbox_routing import SandboxRouting
 
 log = logging.getLogger("shoal.server")
 REAPER_INTERVAL = 1.0
@@ -56,14 +67,19 @@ def create_app(engine: Engine) -> FastAPI:
                   description="Sandboxes for AI agents: native REST API. Authenticate with "
                               "`Authorization: Bearer <key>` (see `shoal keys create`).")
     app.state.engine = engine
-    app.state.gate = Gate(engine)  # the only way from (sandbox, credential) to an agent: server/gate.py
+    gate = app.state.gate = Gate(engine)  # the only way from (sandbox, credential) to an agent: server/gate.py
     app.state.metrics = Metrics(engine)
+    options = SandboxOptions(engine.settings.state_dir)
+    options.follow(engine)
+    tokens = Tokens(engine.settings.state_dir)
+    app.state.port_access = PortAccess(engine, tokens, options)
     errors.install(app)
-    app.add_middleware(ExecFastPath, gate=app.state.gate, metrics=app.state.metrics)
+    app.add_middleware(ExecFastPath, gate=gate, metrics=app.state.metrics)
     for module in (system, sandboxes, processes, files, pty):
         app.include_router(module.router)
-    from shoal.server.e2b import control as e2b_control
-    app.include_router(e2b_control.router)
+    wing = E2B(gate, tokens, options, app.state.port_access)
+    wing.install(app)
+    wing.start()
     try:
         from shoal.server import mcp_endpoint
     except ImportError:  # pragma: no cover - the endpoint ships with the daemon
@@ -73,23 +89,11 @@ def create_app(engine: Engine) -> FastAPI:
     return app
 
 
-def create_asgi(engine: Engine):  # noqa: ANN201
+def create_asgi(engine: Engine) -> SandboxRouting:
     """What the daemon serves: ``create_app`` behind ``SandboxRouting``, which sends traffic addressed
-    to a sandbox (E2B headers or ``Host: <port>-<id>.<domain>``) to envd, the code interpreter or
-    the port proxy. All share ``engine``, so a sandbox is the same through every API."""
-    from shoal.server.e2b import interpreter_app
-    from shoal.server.e2b.control import AutoPause, options
-    from shoal.server.e2b.envd import EnvdApp, SignedFiles
-    from shoal.server.portproxy import PortProxy
-    from shoal.server.sandbox_routing import SandboxRouting
-
+    to a sandbox (``Host: <port>-<id>.<domain>``, or the E2B wing's headers) to the wing's envd or
+    code interpreter, or to the port proxy; everything else reaches the app untouched. All share
+    ``engine``, so a sandbox is the same through every API."""
     app = create_app(engine)
-    opts = options(engine)
-    existing = engine.list()
-    opts.prune({r.id for r in existing})
-    if any(opts.get(r.id).get("autoPause") for r in existing):
-        AutoPause.of(engine).ensure()
-    engine.subscribe(lambda ev: opts.drop(ev["sandbox"]["id"]) if ev.get("type") == "deleted" else None)
-    gate = app.state.gate
-    envd = EnvdApp(gate)
-    return SandboxRouting(SignedFiles(app, envd), envd, interpreter_app(gate), PortProxy(gate))
+    proxy = PortProxy(app.state.gate, app.state.port_access)
+    return SandboxRouting(app, proxy, wings=(app.state.e2b,))

@@ -10,13 +10,13 @@ How the output is bounded, encoded and abandoned is ``plain_exec.py``, shared wi
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
 from pydantic import ValidationError
 
 from shoal.errors import ShoalError
+from shoal.server.asgi import send_json
 from shoal.server.auth import key_from_headers
 from shoal.server.models import ExecRequest
 from shoal.server.plain_exec import PlainExec, send_result
@@ -53,7 +53,7 @@ class ExecFastPath:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > MAX_BODY:
-                return await _reply(send, 413, {"code": "invalid_request", "message": "request body too large"})
+                return await send_json(send, 413, {"code": "invalid_request", "message": "request body too large"})
         try:
             req = ExecRequest.model_validate_json(body)
         except ValidationError:
@@ -75,7 +75,7 @@ class ExecFastPath:
             await send_result(send, result)
         except ShoalError as exc:
             exc = self.gate.explain(match.group(1), exc)
-            return await _reply(send, exc.status, exc.to_dict())
+            return await send_json(send, exc.status, exc.to_dict())
         finally:
             job.release()
 
@@ -92,10 +92,4 @@ class ExecFastPath:
             return await receive()
         await self.app(scope, replay, send)
 
-
-async def _reply(send, status: int, payload: dict) -> None:  # noqa: ANN001
-    data = json.dumps(payload, separators=(",", ":")).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
 

@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from shoal import __version__
 from shoal.engine import Engine
 from shoal.engine.keys import ApiKey
+from shoal.engine.limits import LIMITS
 from shoal.errors import InvalidRequest, ShoalError, Unauthorized
 from shoal.runtime import agent_aio
 from shoal.runtime.agent_aio import bounded
@@ -130,9 +131,10 @@ def build_server(engine: Engine, gate: Gate) -> MCPServer:
         template: Annotated[str, Field(min_length=1, max_length=128, description=(
             "Root filesystem to start from. 'minimal' is busybox (sh and the usual Unix tools, no Python); "
             "'base' is Debian with bash and python3."))] = "minimal",
-        cpu: Annotated[float, Field(ge=0.05, le=64, description="CPU cores it may use.")] = 1,
-        memory_mb: Annotated[int, Field(ge=16, le=256 * 1024, description="Memory limit in MiB.")] = 512,
-        timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600, description=(
+        cpu: Annotated[float, Field(ge=LIMITS.cpu.low, le=LIMITS.cpu.high, description="CPU cores it may use.")] = 1,
+        memory_mb: Annotated[int, Field(ge=LIMITS.memory_mb.low, le=LIMITS.memory_mb.high,
+                                        description="Memory limit in MiB.")] = 512,
+        timeout: Annotated[int, Field(ge=LIMITS.timeout.low, le=LIMITS.timeout.high, description=(
             "Seconds until the sandbox is deleted automatically."))] = 300,
         env: Annotated[dict[str, str] | None, Field(description=(
             "Environment variables for every command run in it."))] = None,

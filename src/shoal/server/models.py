@@ -7,22 +7,12 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from shoal.engine.limits import LIMITS
 from shoal.engine.models import SandboxRecord
+from shoal.engine.text import clean_text
 
-
-def _clean_text(value: str) -> str:
-    """Text that is handed to a process, a file name or the store: UTF-8, no NUL bytes."""
-    if "\0" in value:
-        raise ValueError("must not contain NUL bytes")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError("must be valid UTF-8 text (no lone surrogates)") from exc
-    return value
-
-
-#: Every user string of a request body.
-Text = Annotated[str, AfterValidator(_clean_text)]
+#: Every user string of a request body: text a process, a file name or the store can hold.
+Text = Annotated[str, AfterValidator(clean_text)]
 
 
 class Strict(BaseModel):
@@ -31,16 +21,21 @@ class Strict(BaseModel):
 
 class SandboxCreate(Strict):
     template: Text = Field("minimal", min_length=1, max_length=128)
-    cpu: float = Field(1.0, ge=0.05, le=64)
-    memory_mb: int = Field(512, ge=16, le=256 * 1024)
-    disk_mb: int = Field(1024, ge=16, le=1024 * 1024)
-    timeout: int = Field(300, ge=1, le=7 * 24 * 3600, description="Seconds until the sandbox is deleted.")
+    cpu: float = Field(1.0, ge=LIMITS.cpu.low, le=LIMITS.cpu.high)
+    memory_mb: int = Field(512, ge=LIMITS.memory_mb.low, le=LIMITS.memory_mb.high)
+    disk_mb: int = Field(1024, ge=LIMITS.disk_mb.low, le=LIMITS.disk_mb.high)
+    timeout: int = Field(300, ge=LIMITS.timeout.low, le=LIMITS.timeout.high,
+                         description="Seconds until the sandbox is deleted.")
     env: dict[Text, Text] = Field(default_factory=dict)
     metadata: dict[Text, Text] = Field(default_factory=dict)
     public_traffic: bool = Field(False, description="Every port is reachable through the port proxy without "
                                  "credentials. Default: only with the owner's key or the traffic token.")
     public_ports: list[StrictInt] = Field(default_factory=list, max_length=64,
                                           description="Ports reachable without credentials (the others stay private).")
+    layer: Literal["disk", "ram"] = Field("disk", description="The writable layer: disk (on the host's disk, "
+                                          "survives restarts; full is ENOSPC) or ram (tmpfs, counted as memory).")
+    internet: bool | None = Field(None, description="false: the sandbox reaches nothing past the host (it keeps "
+                                  "its address and DNS). Default: the daemon's SHOAL_INTERNET (on).")
 
     @field_validator("public_ports")
     @classmethod
@@ -81,19 +76,43 @@ class Sandbox(BaseModel):
     public_ports: list[int] = Field(default_factory=list)
     traffic_access_token: str | None = Field(None, description="Opens the sandbox's private ports "
                                              "(header e2b-traffic-access-token); shown to the owner only.")
-    reason: str | None = Field(None, description="Why the sandbox is in state error (e.g. its agent died).")
+    reason: str | None = Field(None, description="Why the sandbox is in state error (e.g. its agent died), or "
+                               "why the host paused it.")
+    layer: Literal["disk", "ram"] = "disk"
+    pause_mode: Literal["memory", "filesystem"] | None = Field(
+        None, description="While paused: memory (processes frozen, RAM kept) or filesystem (processes stopped, "
+        "RAM freed, files kept; resume starts it again with a new boot_id).")
+    started_at: datetime | None = Field(None, description="When its processes last started (create or resume "
+                                        "from the filesystem).")
+    boot_id: str | None = Field(None, description="Changes each time its processes start again.")
+    address: str | None = Field(None, description="Its IPv4 address (null: loopback only).")
+    address6: str | None = Field(None, description="Its IPv6 address.")
+    internet: bool | None = Field(None, description="Whether it may reach past the host.")
+    disk_used_bytes: int | None = Field(None, description="Bytes used in the writable layer (while mounted; "
+                                        "GET /v1/sandboxes/{id} only).")
+    disk_total_bytes: int | None = Field(None, description="Size of the writable layer (the same).")
 
     @classmethod
-    def of(cls, rec: SandboxRecord) -> Sandbox:
+    def of(cls, rec: SandboxRecord, disk: object | None = None) -> Sandbox:
+        """The API's view of ``rec``; ``disk`` (``storage.layers.DiskUsage``) adds the layer's usage."""
         def ts(value: float | None) -> datetime | None:
             return datetime.fromtimestamp(value, UTC) if value is not None else None
         return cls(id=rec.id, template=rec.template, state=rec.state.value, cpu=rec.cpu, memory_mb=rec.memory_mb,
                    disk_mb=rec.disk_mb, created_at=ts(rec.created_at), expires_at=ts(rec.expires_at),
-                   metadata=rec.metadata, reason=rec.reason)
+                   metadata=rec.metadata, reason=rec.reason, layer=rec.layer, pause_mode=rec.pause_mode,
+                   started_at=ts(rec.started_at), boot_id=rec.boot_id, address=rec.address, address6=rec.address6,
+                   internet=rec.internet,
+                   disk_used_bytes=getattr(disk, "used", None), disk_total_bytes=getattr(disk, "total", None))
+
+
+class PauseRequest(Strict):
+    mode: Literal["memory", "filesystem"] = Field(
+        "memory", description="memory: freeze every process (RAM kept). filesystem: stop every process and free "
+        "its RAM, keeping the files on disk (layer disk only); resume starts it again from them.")
 
 
 class TimeoutUpdate(Strict):
-    timeout: int = Field(..., ge=1, le=7 * 24 * 3600)
+    timeout: int = Field(..., ge=LIMITS.timeout.low, le=LIMITS.timeout.high)
 
 
 class ExecRequest(Strict):
@@ -101,7 +120,7 @@ class ExecRequest(Strict):
     env: dict[Text, Text] = Field(default_factory=dict)
     cwd: Text | None = Field(None, max_length=4096)
     user: Text | None = Field(None, max_length=256)
-    timeout: float | None = Field(None, gt=0, le=7 * 24 * 3600)
+    timeout: float | None = Field(None, gt=0, le=LIMITS.timeout.high)
     stdin: Text | None = Field(None, description="Text fed to stdin, then closed.")
     stdin_open: bool = Field(False, description="Keep stdin open (write later via /processes/{pid}/stdin).")
     background: bool = Field(False, description="Return the pid at once; the process keeps running.")

@@ -13,31 +13,39 @@ ignored), and the answer never depends on whether the sandbox exists (no probing
 by the ``E2b-Sandbox-Id`` header always needs a credential; traffic routed by
 ``Host: <port>-<id>.<domain>`` passes without one only to a public port.
 
-Public settings live in the per-sandbox options (``shoal.server.e2b.security.Options``):
+Public settings live in the daemon's one per-sandbox options store (``sandbox_options``):
 ``public`` (every port) and ``public_ports``. Native sandboxes default to private; E2B sandboxes
 get what E2B's spec says (``network.allowPublicTraffic``, true unless the client says false).
 A sandbox without options (made in-process, by MCP, or before this existed) is private.
 
 Credentials are never passed on to the sandbox: its code is not trusted with its owner's key.
+
+Nothing here imports the E2B wing: the per-sandbox tokens come in through ``SandboxTokens`` (the
+daemon passes the E2B wing's ``Tokens``), so the port proxy serves native sandboxes on its own terms.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from shoal.engine import Engine
 from shoal.engine.keys import looks_like_key
 from shoal.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
-from shoal.server.e2b.security import Options, Tokens, header
+from shoal.server.asgi import header
+from shoal.server.sandbox_options import SandboxOptions
+from shoal.server.sandbox_routing import HOST
 
 MAX_PUBLIC_PORTS = 64
 
 
-def options_of(engine: Engine) -> Options:
-    """The engine's one ``Options`` (shared with the E2B control plane: same cache, same files)."""
-    opts = getattr(engine, "_e2b_options", None)
-    if opts is None:
-        opts = Options(engine.settings.state_dir)
-        engine._e2b_options = opts  # type: ignore[attr-defined]
-    return opts
+class SandboxTokens(Protocol):
+    """The per-sandbox capabilities a request may carry instead of an API key."""
+
+    def traffic(self, sandbox_id: str) -> str: ...
+
+    def check_envd(self, sandbox_id: str, token: str | None) -> bool: ...
+
+    def check_traffic(self, sandbox_id: str, token: str | None) -> bool: ...
 
 
 def clean_ports(ports: list[int]) -> list[int]:
@@ -62,10 +70,10 @@ def api_key_header(name: bytes, value: bytes) -> bool:
 
 
 class PortAccess:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.tokens = Tokens.of(engine.settings.state_dir)
-        self.options = options_of(engine)
+    """Made once by the daemon (``app.state.port_access``) with its one tokens and options store."""
+
+    def __init__(self, engine: Engine, tokens: SandboxTokens, options: SandboxOptions) -> None:
+        self.engine, self.tokens, self.options = engine, tokens, options
 
     # --- the owner's settings ----------------------------------------------------------------------
     def publicity(self, sandbox_id: str) -> tuple[bool, list[int]]:
@@ -76,10 +84,7 @@ class PortAccess:
 
     def set_public(self, sandbox_id: str, public_traffic: bool, public_ports: list[int]) -> None:
         """Record who may reach the ports of ``sandbox_id`` without a credential (other options kept)."""
-        opts = dict(self.options.get(sandbox_id))
-        opts["public"] = bool(public_traffic)
-        opts["public_ports"] = clean_ports(public_ports)
-        self.options.put(sandbox_id, opts)
+        self.options.update(sandbox_id, public=bool(public_traffic), public_ports=clean_ports(public_ports))
 
     # --- a request ----------------------------------------------------------------------------------
     def check(self, scope: dict) -> None:
@@ -98,7 +103,7 @@ class PortAccess:
                 self._check_key(sid, value.decode("latin-1").strip())
         if presented:
             return
-        if header(scope, b"e2b-sandbox-id") is None:
+        if scope.get("shoal.via") == HOST:
             every, ports = self.publicity(sid)
             if every or port in ports:
                 return

@@ -1,9 +1,11 @@
-"""Reverse proxy to a TCP port inside a sandbox: what an E2B ``get_host(port)`` URL reaches.
+"""Reverse proxy to a TCP port inside a sandbox: what ``Host: <port>-<id>.<domain>`` (E2B's
+``get_host(port)``) reaches, for native and E2B sandboxes alike.
 
-``SandboxRouting`` sends here traffic addressed to a port that is neither envd's nor the code
-interpreter's, with ``scope["shoal.sandbox_id"]`` and ``scope["shoal.port"]``. Each request gets
-its own connection into the sandbox (``AsyncAgentClient.open_port``: a raw byte stream relayed by
-the agent); the request is written in HTTP/1.1 and the answer parsed with h11, both streamed.
+``SandboxRouting`` sends here traffic addressed to a sandbox port that no wing serves itself (the
+E2B wing serves envd's and the code interpreter's), with ``scope["shoal.sandbox_id"]`` and
+``scope["shoal.port"]``. Each request gets its own connection into the sandbox
+(``AsyncAgentClient.open_port``: a raw byte stream relayed by the agent); the request is written in
+HTTP/1.1 and the answer parsed with h11, both streamed.
 WebSockets are relayed message by message (``websockets``' sans-I/O client on the same stream).
 
 Who may pass is ``shoal.server.port_access``'s call: the owner's API key, the sandbox's traffic
@@ -11,7 +13,8 @@ or access token, or nothing at all for a port its owner made public. Public mean
 reach the daemon's address (loopback unless ``shoal serve --host`` says otherwise) and knows the
 sandbox id. A refusal is 401/403 ``{"code": <status>, "message": ...}`` before any byte reaches the
 sandbox (for a WebSocket, the same as the HTTP answer to its handshake). The credentials are
-removed from what the service receives.
+removed from what the service receives. Nothing here imports ``server/e2b``: native sandboxes'
+ports are served the same with or without the E2B wing.
 
 Nothing listening on the port: 502 ``{"code": 502, "message": "... port is not open ..."}`` (the
 phrase the SDK looks for).
@@ -21,16 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import urllib.parse
 
 import h11
 
 from shoal.errors import NotFound, ShoalError
-from shoal.server.e2b.security import header, unavailable
+from shoal.server.asgi import encode, error, header
 from shoal.server.gate import Gate, SandboxToken
 from shoal.server.port_access import PortAccess, api_key_header
+from shoal.server.sandbox_routing import unavailable
 
 log = logging.getLogger("shoal.portproxy")
 READ_SIZE = 256 * 1024
@@ -39,21 +42,14 @@ _HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate"
 _PRIVATE = {b"e2b-sandbox-id", b"e2b-sandbox-port", b"x-access-token", b"e2b-traffic-access-token"}
 
 
-async def _json(send, status: int, message: str) -> None:  # noqa: ANN001
-    body = json.dumps({"code": status, "message": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _refuse(scope: dict, send, exc: ShoalError) -> None:  # noqa: ANN001
     """A 401/403 JSON answer; for a WebSocket as the answer to its handshake when the server can
     (the ASGI denial-response extension), else a close code 4000+status."""
     if scope["type"] != "websocket":
-        return await _json(send, exc.status, exc.message)
+        return await error(send, exc.status, exc.message)
     if "websocket.http.response" not in scope.get("extensions", {}):
         return await send({"type": "websocket.close", "code": 4000 + exc.status})
-    body = json.dumps({"code": exc.status, "message": exc.message}).encode()
+    body = encode({"code": exc.status, "message": exc.message})
     await send({"type": "websocket.http.response.start", "status": exc.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "websocket.http.response.body", "body": body})
@@ -66,9 +62,8 @@ def _forwarded(name: bytes, value: bytes) -> bool:
 
 
 class PortProxy:
-    def __init__(self, gate: Gate) -> None:
-        self.gate, self.engine = gate, gate.engine
-        self.access = PortAccess(gate.engine)
+    def __init__(self, gate: Gate, access: PortAccess) -> None:
+        self.gate, self.engine, self.access = gate, gate.engine, access
 
     async def __call__(self, scope: dict, receive, send) -> None:  # noqa: ANN001
         sid, port = scope["shoal.sandbox_id"], scope["shoal.port"]
@@ -81,7 +76,7 @@ class PortProxy:
             if ws:
                 await send({"type": "websocket.close", "code": 4400})
             else:
-                await _json(send, 400, f"invalid port {port}")
+                await error(send, 400, f"invalid port {port}")
             return
         problem = unavailable(self.gate, sid)  # access was decided above: owner, token or public
         if problem is None:
@@ -95,7 +90,7 @@ class PortProxy:
             if ws:
                 await send({"type": "websocket.close", "code": 1011, "reason": problem[:120]})
             else:
-                await _json(send, 502, problem)
+                await error(send, 502, problem)
             return
         try:
             if ws:
@@ -173,7 +168,7 @@ class PortProxy:
                     event = conn.next_event()
                 except h11.RemoteProtocolError as exc:
                     if not started:
-                        await _json(send, 502, f"invalid HTTP answer from port {scope['shoal.port']}: {exc}")
+                        await error(send, 502, f"invalid HTTP answer from port {scope['shoal.port']}: {exc}")
                         started = True
                     break
                 if event is h11.NEED_DATA:
@@ -194,7 +189,7 @@ class PortProxy:
                         await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
                 elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                     if not started:
-                        await _json(send, 502, f"port {scope['shoal.port']} closed the connection without an answer")
+                        await error(send, 502, f"port {scope['shoal.port']} closed the connection without an answer")
                         started = True
                     else:
                         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,58 +1,90 @@
 """Traffic addressed to a sandbox rather than to the daemon, recognised before any route.
 
-* ``E2b-Sandbox-Id`` / ``E2b-Sandbox-Port`` headers (how the E2B SDKs reach a sandbox through
-  ``E2B_SANDBOX_URL``): port 49983 is envd (processes and files), 49999 the code interpreter,
-  any other port is proxied to that port inside the sandbox.
-* ``Host: <port>-<id>.<domain>`` (what ``get_host(port)`` returns): proxied to the port.
+* ``Host: <port>-<id>.<domain>`` (what ``get_host(port)`` returns, and what a native client may
+  use just the same): the port inside the sandbox.
+* whatever a wing adds through ``SandboxAddressing``: the E2B wing (``e2b/wing.py``) addresses by
+  its ``E2b-Sandbox-Id`` / ``E2b-Sandbox-Port`` headers and serves ports 49983 (envd) and 49999
+  (the code interpreter) itself.
 
-The sub-apps find the target in ``scope["shoal.sandbox_id"]`` and ``scope["shoal.port"]``.
-Everything else goes to the daemon's own app unchanged. Routing decides nothing about access:
-each sub-app checks its own credentials (envd and the interpreter the sandbox's tokens, the port
-proxy ``shoal.server.port_access``), so no path reaches a sandbox unchecked.
+A port no wing serves goes to the port proxy. The sub-apps find the target in
+``scope["shoal.sandbox_id"]`` and ``scope["shoal.port"]``; ``scope["shoal.via"]`` says how it was
+addressed (``"host"`` or the wing's name): only Host-addressed traffic may reach a public port
+without a credential (``port_access``). Everything else goes to the daemon's own app unchanged.
+Routing decides nothing about access: each sub-app checks its own credentials, so no path reaches a
+sandbox unchecked.
+
+This module imports nothing from ``server/e2b``: native sandboxes' ports work without the wing.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Protocol
 
-ENVD_PORT = 49983
-INTERPRETER_PORT = 49999
+from shoal.errors import NotFound, ShoalError
+from shoal.server.asgi import ASGIApp, Receive, Scope, Send
+from shoal.server.gate import Gate, SandboxToken
+
 _HOST = re.compile(rb"^(\d{1,5})-([a-z][a-z0-9]{0,31})\.")
+HOST = "host"
+
+
+class SandboxAddressing(Protocol):
+    """What a wing adds to sandbox routing."""
+
+    name: str
+
+    def address(self, scope: Scope) -> tuple[str, int] | None:
+        """(sandbox id, port) when the request is addressed to a sandbox in the wing's own way."""
+
+    def service(self, port: int) -> ASGIApp | None:
+        """The app that serves ``port`` of every sandbox instead of the port proxy, if any."""
+
+
+def by_host(scope: Scope) -> tuple[str, int] | None:
+    """(sandbox id, port) from ``Host: <port>-<id>.<domain>``."""
+    for name, value in scope["headers"]:
+        if name == b"host":
+            match = _HOST.match(value)
+            return None if match is None else (match.group(2).decode(), int(match.group(1)))
+    return None
+
+
+def unavailable(gate: Gate, sid: str) -> str | None:
+    """Why sandbox traffic for ``sid`` (its credential already checked) cannot be served, as the one
+    gate says it, in the words E2B's SDKs look for ("was not found" means not running to them); None
+    when it can be served."""
+    try:
+        gate.usable(sid, SandboxToken(sid))
+    except NotFound:
+        return f"The sandbox {sid} was not found"
+    except ShoalError as exc:
+        hint = " (connect to resume it)" if "paused" in exc.message else ""
+        return f"The sandbox {sid} was not found: {exc.message}{hint}"
+    return None
 
 
 class SandboxRouting:
-    def __init__(self, app, envd, interpreter, proxy) -> None:  # noqa: ANN001
-        self.app, self.envd, self.interpreter, self.proxy = app, envd, interpreter, proxy
+    def __init__(self, app: ASGIApp, proxy: ASGIApp, wings: tuple[SandboxAddressing, ...] = ()) -> None:
+        self.app, self.proxy, self.wings = app, proxy, wings
 
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        sandbox_id = port = host = None
-        for name, value in scope["headers"]:
-            if name == b"e2b-sandbox-id":
-                sandbox_id = value.decode("latin-1")
-            elif name == b"e2b-sandbox-port":
-                port = value
-            elif name == b"host":
-                host = value
-        if sandbox_id is not None:
-            try:
-                number = int(port) if port is not None else ENVD_PORT
-            except ValueError:
-                number = -1
-            scope = {**scope, "shoal.sandbox_id": sandbox_id, "shoal.port": number}
-            if number == ENVD_PORT:
-                return await self.envd(scope, receive, send)
-            if number == INTERPRETER_PORT:
-                return await self.interpreter(scope, receive, send)
-            return await self.proxy(scope, receive, send)
-        if host is not None:
-            match = _HOST.match(host)
-            if match is not None:
-                scope = {**scope, "shoal.sandbox_id": match.group(2).decode(), "shoal.port": int(match.group(1))}
-                if scope["shoal.port"] == ENVD_PORT:
-                    return await self.envd(scope, receive, send)
-                if scope["shoal.port"] == INTERPRETER_PORT:
-                    return await self.interpreter(scope, receive, send)
-                return await self.proxy(scope, receive, send)
+        for wing in self.wings:
+            target = wing.address(scope)
+            if target is not None:
+                return await self._to(scope, receive, send, target, wing.name)
+        target = by_host(scope)
+        if target is not None:
+            return await self._to(scope, receive, send, target, HOST)
         return await self.app(scope, receive, send)
+
+    async def _to(self, scope: Scope, receive: Receive, send: Send, target: tuple[str, int], via: str) -> None:
+        sid, port = target
+        scope = {**scope, "shoal.sandbox_id": sid, "shoal.port": port, "shoal.via": via}
+        for wing in self.wings:
+            app = wing.service(port)
+            if app is not None:
+                return await app(scope, receive, send)
+        return await self.proxy(scope, receive, send)

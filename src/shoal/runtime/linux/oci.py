@@ -75,6 +75,9 @@ def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int, c
              "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
             {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
              "options": ["nosuid", "noexec", "nodev"]},
+            # A joined network namespace is the host's (shoal.net.slotns): its own sysfs comes pre-mounted.
+            {"destination": "/sys", "type": "bind", "source": spec.sysfs,
+             "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]} if spec.sysfs else
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
             {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
              "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
@@ -85,7 +88,8 @@ def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int, c
             **({} if userns else {
                 "uidMappings": [{"containerID": 0, "hostID": uid_base, "size": uid_count}],
                 "gidMappings": [{"containerID": 0, "hostID": uid_base, "size": uid_count}]}),
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")]
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
+            + [{"type": "network", "path": spec.netns} if spec.netns else {"type": "network"}]
             + [{"type": "user", "path": userns} if userns else {"type": "user"}],
             "cgroupsPath": cgroups.cgroups_path(cgroup),
             "resources": {

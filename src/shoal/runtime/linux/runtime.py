@@ -4,7 +4,9 @@ Bringing a sandbox up is a straight list of named steps; if one fails, the steps
 are undone by ``destroy`` (which tolerates any of them being absent), so a failed create leaves
 nothing behind. Every host resource is named after the sandbox id:
 
-* ``<run>/sandboxes/<id>/``  bundle: ``config.json``, ``upper`` (tmpfs: the writable layer),
+* ``<state>/layers/<id>.ext4``  the ``disk`` writable layer's image (``storage.layers``): it outlives the
+  bundle, so a sandbox paused to its filesystem, or cut off by a host restart, starts again from it
+* ``<run>/sandboxes/<id>/``  bundle: ``config.json``, ``upper`` (the writable layer's mount),
   ``rootfs`` (the overlay), ``agent.sock`` (host-only), ``init.pid``, ``upper/agent.log`` (PID 1's
   stdout/stderr: inside the writable layer's tmpfs, so what the sandbox writes there counts against its
   disk limit, yet outside ``upper/upper``, so the sandbox cannot see it)
@@ -28,6 +30,7 @@ from shoal.runtime import agent_runtime
 from shoal.runtime.base import Capabilities, SandboxSpec
 from shoal.runtime.linux import budgets, cgroups, mounts, oci, oom
 from shoal.settings import Settings
+from shoal.storage.layers import DiskUsage, WritableLayers
 
 INSTANCE_MARK = "instance"
 
@@ -50,6 +53,7 @@ class LinuxRuntime:
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o711)  # traversable by the sandbox uid while crun sets up, not listable
         self._runtime_dir: Path | None = None
+        self.layers = WritableLayers(settings)
 
     def _claim_run_dir(self) -> None:
         """Refuse a run directory that another instance uses: its bundles would look like our leaks."""
@@ -110,21 +114,29 @@ class LinuxRuntime:
             step = "oom score"
             oom.protect(self._started_pid(sid))
         except ShoalError:
-            self.destroy(sid)
+            self.destroy(sid, keep_files=spec.keep_files)
             raise
         except OSError as exc:
-            self.destroy(sid)
+            self.destroy(sid, keep_files=spec.keep_files)
             err = from_errno(exc, f"sandbox {sid}: {step}")
             raise (err if isinstance(err, CapacityExceeded) else RuntimeFailure(err.message, step, sid)) from exc
         return self.agent_socket(sid)
 
     def _make_upper(self, spec: SandboxSpec, bundle: Path) -> None:
-        """The writable layer: a size-limited tmpfs, owned by sandbox root, with the hostname files."""
+        """The writable layer (``storage.layers``: an ext4 image on the host's disk, or a tmpfs), owned by
+        sandbox root, with the hostname files. With ``spec.keep_files`` it is the sandbox's own layer again,
+        and nothing inside the sandbox's tree is touched: sandbox code wrote it, so the host must not
+        follow a path in it."""
         base = self.settings.uid_base
         upper = bundle / "upper"
         upper.mkdir()
-        mounts.mount("tmpfs", upper, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
-                     f"size={spec.disk_mb}m,mode=0755")
+        self.layers.mount(spec.layer, spec.sandbox_id, spec.disk_mb, upper, fresh=not spec.keep_files)
+        if spec.keep_files:
+            for d in ("upper", "work"):  # the layer's own top level: the sandbox never sees it
+                if not (upper / d).is_dir() or (upper / d).is_symlink():
+                    raise RuntimeFailure(f"the writable layer of {spec.sandbox_id} has no {d}/ directory",
+                                         "writable layer", spec.sandbox_id)
+            return
         for d in ("upper", "work", "upper/etc"):
             (upper / d).mkdir()
             os.chown(upper / d, base, base)
@@ -135,7 +147,7 @@ class LinuxRuntime:
             os.chown(upper / "upper/etc", st.st_uid, st.st_gid)
         hosts = (f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
                  f"127.0.1.1\t{spec.sandbox_id}\n")
-        for name, text in (("hostname", spec.sandbox_id + "\n"), ("hosts", hosts)):
+        for name, text in (("hostname", spec.sandbox_id + "\n"), ("hosts", hosts), *spec.etc_files.items()):
             path = upper / "upper/etc" / name
             path.write_text(text)
             os.chown(path, base, base)
@@ -195,8 +207,11 @@ class LinuxRuntime:
         pid = self.init_pid(sandbox_id)
         return pid is not None and pid in cgroups.pids(self.container(sandbox_id))
 
-    def destroy(self, sandbox_id: str) -> None:
-        """Kill everything of the sandbox and free every host resource; safe to call twice."""
+    def destroy(self, sandbox_id: str, keep_files: bool = False) -> None:
+        """Kill everything of the sandbox and free every host resource; safe to call twice.
+
+        ``keep_files`` keeps its ``disk`` layer's image (pause to filesystem, a host restart): the layer
+        is unmounted strictly and synced first, so the image is whole and mounted nowhere on return."""
         bundle = self.bundle(sandbox_id)
         name = self.container(sandbox_id)
         cgroups.thaw(name)
@@ -209,12 +224,33 @@ class LinuxRuntime:
                 time.sleep(0.01)
         cgroups.remove(name)
         shutil.rmtree(self.settings.crun_root / name, ignore_errors=True)
+        if keep_files:
+            mounts.umount(bundle / "rootfs", strict=True)
+            self.layers.unmount(bundle / "upper")
         mounts.umount_tree(bundle)
         shutil.rmtree(bundle, ignore_errors=True)
+        if not keep_files:
+            self.layers.remove(sandbox_id)
+
+    def has_files(self, sandbox_id: str) -> bool:
+        """True if the sandbox's files are on the host without it (its ``disk`` layer's image)."""
+        return self.layers.has_files(sandbox_id)
+
+    def disk_usage(self, sandbox_id: str) -> DiskUsage | None:
+        """Used/total bytes of the sandbox's mounted writable layer (``None`` while it is not mounted)."""
+        return self.layers.usage(self.bundle(sandbox_id) / "upper")
 
     def pause(self, sandbox_id: str) -> None:
         """Freeze every process of the sandbox (cgroup freezer): memory stays, CPU drops to zero."""
         self._crun_checked("pause", sandbox_id)
+
+    def stop(self, sandbox_id: str) -> None:
+        """Stop every process and free the sandbox's memory, keeping its files (``create`` with
+        ``keep_files`` starts it again from them)."""
+        if not self.has_files(sandbox_id):
+            raise Conflict(f"sandbox {sandbox_id} keeps its files in memory (layer ram): it cannot stop "
+                           "without losing them")
+        self.destroy(sandbox_id, keep_files=True)
 
     def resume(self, sandbox_id: str) -> None:
         self._crun_checked("resume", sandbox_id)
@@ -249,6 +285,7 @@ class LinuxRuntime:
             found.update(e.name for e in os.scandir(self.settings.sandboxes_dir))
         except OSError:
             pass
+        found.update(self.layers.existing())  # so is the state directory
         return found
 
     def usage(self, sandbox_id: str) -> dict[str, int | None]:

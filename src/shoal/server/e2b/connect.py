@@ -32,6 +32,7 @@ from shoal.errors import (
     ShoalError,
     Unauthorized,
 )
+from shoal.server.asgi import send_json
 from shoal.server.e2b import bounded_json
 
 UNARY_TYPE = "application/json"
@@ -176,17 +177,11 @@ async def client_messages(receive: Callable[[], Awaitable[dict]]) -> AsyncIterat
 
 
 async def send_unary(send: Callable[[dict], Awaitable[None]], obj: dict) -> None:
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", UNARY_TYPE.encode()), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, 200, obj, content_type=UNARY_TYPE.encode())
 
 
 async def send_unary_error(send: Callable[[dict], Awaitable[None]], err: ConnectError) -> None:
-    body = json.dumps(err.to_dict(), separators=(",", ":")).encode()
-    await send({"type": "http.response.start", "status": STATUS.get(err.code, 500),
-                "headers": [(b"content-type", UNARY_TYPE.encode()), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, STATUS.get(err.code, 500), err.to_dict(), content_type=UNARY_TYPE.encode())
 
 
 class ServerStream:

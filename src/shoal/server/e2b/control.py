@@ -13,10 +13,13 @@ header to the port inside the sandbox. Behind a wildcard DNS name, set ``SHOAL_E
 
 Create accepts E2B's body; ``templateID`` (default ``base``), ``timeout`` (default 300 s),
 ``metadata``, ``envVars`` (every process's environment), ``autoPause`` (pause instead of delete at
-the timeout, see ``AutoPause``) and ``network.allowPublicTraffic`` (false: ``get_host`` traffic needs
+the timeout, see ``autopause.py``) and ``network.allowPublicTraffic`` (false: ``get_host`` traffic needs
 the traffic token) are honoured; other fields (``allow_internet_access``, ``autoResume``, ``mcp``,
 ``iam``, the snapshot ``memory`` choice of pause/connect) are accepted and ignored: a paused Shoal
 sandbox always keeps its memory (its processes are frozen). ``volumeMounts`` is refused.
+
+The router reaches the daemon's one E2B wing as ``request.app.state.e2b`` (tokens, options store,
+auto-pause): nothing is kept on the engine or in module globals beyond the idempotency table.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 import urllib.parse
 from datetime import UTC, datetime
@@ -38,13 +40,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from shoal.engine import Engine, SandboxState
-from shoal.engine.engine import MAX_TIMEOUT
 from shoal.engine.keys import ApiKey
+from shoal.engine.limits import LIMITS
 from shoal.engine.models import SandboxRecord
+from shoal.engine.text import check_text
 from shoal.errors import CapacityExceeded, InvalidRequest, InvalidTransition, NotFound, QuotaExceeded, ShoalError
 from shoal.server.auth import key_from_headers
 from shoal.server.e2b import ENVD_VERSION, bounded_json
-from shoal.server.e2b.security import Options, Tokens
+from shoal.server.e2b.security import Tokens
 
 CLIENT_ID = "shoal"
 DEFAULT_TEMPLATE = "base"
@@ -96,15 +99,7 @@ def _key(request: Request) -> ApiKey:
 
 
 def _tokens(request: Request) -> Tokens:
-    return Tokens.of(_engine(request).settings.state_dir)
-
-
-def options(engine: Engine) -> Options:
-    opts = getattr(engine, "_e2b_options", None)
-    if opts is None:
-        opts = Options(engine.settings.state_dir)
-        engine._e2b_options = opts  # type: ignore[attr-defined]
-    return opts
+    return request.app.state.e2b.tokens
 
 
 async def _body(request: Request) -> dict:
@@ -145,23 +140,10 @@ def domain(request: Request) -> str:
     return f"localhost:{port}"
 
 
-def _clean(value: object, what: str) -> str:
-    """A string that can be stored and answered as JSON: no NUL, no lone surrogate."""
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{what} must be a string")
-    if "\0" in value:
-        raise InvalidRequest(f"{what} must not contain a NUL byte")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequest(f"{what} is not valid Unicode") from exc
-    return value
-
-
 def _string_map(value: object, what: str) -> dict[str, str]:
     if not isinstance(value, dict):
         raise InvalidRequest(f"{what} must map strings to strings")
-    return {_clean(k, f"a {what} key"): _clean(v, f"{what}[{k!r}]") for k, v in value.items()}
+    return {check_text(k, f"a {what} key"): check_text(v, f"{what}[{k!r}]") for k, v in value.items()}
 
 
 def _state(rec: SandboxRecord) -> str:
@@ -173,8 +155,7 @@ def _timeout(value: object, default: int | None = DEFAULT_TIMEOUT) -> int | None
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest("timeout must be a number of seconds")
-    if not 0 < value <= MAX_TIMEOUT:
-        raise InvalidRequest(f"timeout must be between 1 and {int(MAX_TIMEOUT)} seconds, not {value!r}")
+    LIMITS.check("timeout", value)
     return int(value)
 
 
@@ -259,60 +240,6 @@ def _select(request: Request, key: ApiKey, states: set[SandboxState]) -> list[Sa
     return recs
 
 
-class AutoPause:
-    """Sandboxes created with ``autoPause`` (``lifecycle={"on_timeout": "pause"}``) are paused, not
-    deleted, when their timeout comes: a thread pauses them ``LEAD`` seconds before the daemon's
-    reaper (once a second, ``Engine.expire``, which leaves paused sandboxes alone) would delete them.
-    ``connect`` resumes them. The thread starts with the first such sandbox."""
-
-    LEAD = 1.5
-    EVERY = 0.25
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    @classmethod
-    def of(cls, engine: Engine) -> AutoPause:
-        inst = getattr(engine, "_e2b_autopause", None)
-        if inst is None:
-            inst = cls(engine)
-            engine._e2b_autopause = inst  # type: ignore[attr-defined]
-        return inst
-
-    def ensure(self) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="e2b-autopause", daemon=True)
-                self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.EVERY)
-            try:
-                self.tick()
-            except Exception:  # noqa: BLE001 - must outlive any single failure
-                log.exception("auto-pause failed")
-
-    def tick(self, now: float | None = None) -> list[str]:
-        now = time.time() if now is None else now
-        opts = options(self.engine)
-        paused = []
-        for rec in self.engine.list(states={SandboxState.RUNNING}):
-            if rec.expires_at is None or rec.expires_at - now > self.LEAD:
-                continue
-            if not opts.get(rec.id).get("autoPause"):
-                continue
-            try:
-                self.engine.pause(rec.id)
-                paused.append(rec.id)
-                log.info("sandbox paused at its timeout (autoPause)", extra={"sandbox": rec.id})
-            except ShoalError:
-                pass
-        return paused
-
-
 # --- create ----------------------------------------------------------------------------------------
 
 _idempotent: dict[tuple[str, str], tuple[float, str]] = {}
@@ -324,7 +251,7 @@ async def create(request: Request) -> JSONResponse:
     key = _key(request)
     eng = _engine(request)
     body = await _body(request)
-    template = _clean(body.get("templateID") or DEFAULT_TEMPLATE, "templateID")
+    template = check_text(body.get("templateID") or DEFAULT_TEMPLATE, "templateID")
     timeout = _timeout(body.get("timeout"))
     metadata = _string_map(body.get("metadata") or {}, "metadata")
     env = _string_map(body.get("envVars") or {}, "envVars")
@@ -346,10 +273,12 @@ async def create(request: Request) -> JSONResponse:
         except NotFound:
             pass
 
-    rec = await run_in_threadpool(eng.create, template, env=env, metadata=metadata, timeout=timeout, api_key=key)
-    options(eng).put(rec.id, {"public": public, "autoPause": auto_pause})
+    rec = await run_in_threadpool(eng.create, template, env=env, metadata=metadata, timeout=timeout, api_key=key,
+                                  internet=False if body.get("allow_internet_access") is False else None)
+    wing = request.app.state.e2b
+    wing.port_access.set_public(rec.id, public, [])
     if auto_pause:
-        AutoPause.of(eng).ensure()
+        wing.autopause.enable(rec.id)
     if idem:
         _idempotent[(key.id, idem)] = (now, rec.id)
     return JSONResponse(_sandbox(rec, request), status_code=201)

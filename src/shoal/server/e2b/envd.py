@@ -24,7 +24,6 @@ import base64
 import binascii
 import collections
 import contextlib
-import json
 import logging
 import posixpath
 import time
@@ -34,12 +33,15 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
+from shoal.engine.text import text_problem
 from shoal.errors import CapacityExceeded, InvalidRequest, NotFound, ShoalError
 from shoal.runtime.agent_aio import AsyncAgentClient
+from shoal.server.asgi import send_json
+from shoal.server.e2b import ENVD_PORT, signing, uploads
 from shoal.server.e2b import connect as c
-from shoal.server.e2b import signing, uploads
-from shoal.server.e2b.security import Tokens, unavailable
+from shoal.server.e2b.security import Tokens
 from shoal.server.gate import Gate, SandboxToken
+from shoal.server.sandbox_routing import unavailable
 
 log = logging.getLogger("shoal.e2b")
 DEFAULT_USER = "user"
@@ -112,15 +114,12 @@ def end_event(end: dict) -> dict:
 
 
 def _text(value: object, what: str, empty: bool = True) -> str:
-    """A string the sandbox can take: no NUL byte, no lone surrogate (JSON allows both)."""
+    """A string the sandbox can take (``engine.text``: no NUL byte, no lone surrogate), as Connect's error."""
     if not isinstance(value, str) or (not empty and not value):
         raise c.ConnectError("invalid_argument", f"{what} must be a{'' if empty else ' non-empty'} string")
-    if "\0" in value:
-        raise c.ConnectError("invalid_argument", f"{what} must not contain a NUL byte")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise c.ConnectError("invalid_argument", f"{what} is not valid Unicode") from exc
+    problem = text_problem(value)
+    if problem is not None:
+        raise c.ConnectError("invalid_argument", f"{what} {problem}")
     return value
 
 
@@ -206,14 +205,6 @@ def _basic_user(headers: dict[str, str]) -> str | None:
         return None
     name = decoded.split(":", 1)[0]
     return name if name and "\0" not in name else None
-
-
-async def _send_json(send: Send, status: int, obj: object, extra: list | None = None) -> None:
-    body = json.dumps(obj).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(extra or [])]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _written(entry: object) -> dict:
@@ -364,10 +355,9 @@ class Watcher:
 # --- the app -------------------------------------------------------------------------------------------
 
 class EnvdApp:
-    def __init__(self, gate: Gate) -> None:
-        self.gate = gate
+    def __init__(self, gate: Gate, tokens: Tokens) -> None:
+        self.gate, self.tokens = gate, tokens
         engine = self.engine = gate.engine
-        self.tokens = Tokens.of(engine.settings.state_dir)
         self._passwd: dict[str, dict[str, str]] = {}
         self.watchers: dict[str, Watcher] = {}
         engine.subscribe(self._on_event)
@@ -399,16 +389,16 @@ class EnvdApp:
             if rpc:
                 await c.send_unary_error(send, c.ConnectError("unauthenticated", "invalid or missing X-Access-Token"))
             else:
-                await _send_json(send, 401, {"code": 401, "message": "invalid or missing X-Access-Token"})
+                await send_json(send, 401, {"code": 401, "message": "invalid or missing X-Access-Token"})
             return
         problem = unavailable(self.gate, sid)
         if problem is None and auth == SIGNED:
             problem = self._signature_expired(sid, query)
             if problem is not None:
-                await _send_json(send, 401, {"code": 401, "message": problem})
+                await send_json(send, 401, {"code": 401, "message": problem})
                 return
         if problem is not None:
-            await _send_json(send, 502, {"code": 502, "message": problem})
+            await send_json(send, 502, {"code": 502, "message": problem})
             return
         if auth == SIGNED:  # the URL grants its own user only, whatever Authorization says
             headers.pop("authorization", None)
@@ -423,7 +413,7 @@ class EnvdApp:
         elif path == "/files" and method == "POST":
             await self._upload(receive, send, sid, agent, headers, query, signed=auth == SIGNED)
         else:
-            await _send_json(send, 404, {"code": 404, "message": f"no route {method} {path} in envd"})
+            await send_json(send, 404, {"code": 404, "message": f"no route {method} {path} in envd"})
 
     def _authorized(self, sid: str, headers: dict[str, str], path: str, method: str, query: dict) -> str | None:
         """``TOKEN`` (the sandbox's access token: any user, any path), ``SIGNED`` (a file URL's
@@ -801,13 +791,13 @@ class EnvdApp:
                         query: dict) -> None:
         path = query.get("path")
         if not path:
-            await _send_json(send, 400, {"code": 400, "message": "path is required"})
+            await send_json(send, 400, {"code": 400, "message": "path is required"})
             return
         try:
             user = await self._files_user(sid, agent, headers, query)
             entry, chunks = await agent.read_file(path, user)
         except ShoalError as exc:
-            await _send_json(send, _http_status(exc), {"code": _http_status(exc), "message": exc.message})
+            await send_json(send, _http_status(exc), {"code": _http_status(exc), "message": exc.message})
             return
         gzip = "gzip" in headers.get("accept-encoding", "")
         name = urllib.parse.quote(entry.get("name") or posixpath.basename(path))
@@ -878,13 +868,13 @@ class EnvdApp:
                     raise InvalidRequest("path is required for an octet-stream upload")
                 written.append(await agent.write_file(path, uploads.octet_stream(receive, budget, gzip), user=user))
         except c.ConnectError as exc:
-            await _send_json(send, 400, {"code": 400, "message": exc.message})
+            await send_json(send, 400, {"code": 400, "message": exc.message})
             return
         except ShoalError as exc:
             status = _http_status(exc)
-            await _send_json(send, status, {"code": status, "message": exc.message})
+            await send_json(send, status, {"code": status, "message": exc.message})
             return
-        await _send_json(send, 200, [_written(e) for e in written])
+        await send_json(send, 200, [_written(e) for e in written])
 
 
 _STREAMS = {
@@ -913,19 +903,20 @@ _UNARY = {
 class SignedFiles:
     """``/files?...&signature=v1_...`` without sandbox headers: what ``download_url()``/``upload_url()``
     give when ``E2B_SANDBOX_URL`` points at the daemon (the URL names no sandbox). The signature is
-    made with one sandbox's access token, so the sandbox is the one whose token verifies it."""
+    made with one sandbox's access token, so the sandbox is the one whose token verifies it.
 
-    def __init__(self, app, envd: EnvdApp) -> None:  # noqa: ANN001
-        self.app, self.envd = app, envd
+    Mounted as the daemon's ``/files`` route (``wing.E2B.install``): it sees those requests only,
+    never the native API's."""
+
+    def __init__(self, envd: EnvdApp) -> None:
+        self.envd = envd
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/files" or b"signature=" not in scope.get("query_string", b""):
-            return await self.app(scope, receive, send)
         query = _query(scope)
         op = "read" if scope["method"] == "GET" else "write"
         tokens, engine = self.envd.tokens, self.envd.engine
         for rec in engine.list():
             if signing.matches(tokens.envd(rec.id), query.get("path", ""), op, query.get("username"),
                                query.get("signature"), query.get("signature_expiration")):
-                return await self.envd({**scope, "shoal.sandbox_id": rec.id, "shoal.port": 49983}, receive, send)
-        await _send_json(send, 401, {"code": 401, "message": "invalid file URL signature"})
+                return await self.envd({**scope, "shoal.sandbox_id": rec.id, "shoal.port": ENVD_PORT}, receive, send)
+        await send_json(send, 401, {"code": 401, "message": "invalid or missing file URL signature"})

@@ -3,7 +3,7 @@
 Requests reach this app through ``SandboxRouting`` (``E2b-Sandbox-Port: 49999`` or a
 ``49999-<id>.<domain>`` Host), with the sandbox in ``scope["shoal.sandbox_id"]``.
 
-Design: the interpreter runs *inside* the sandbox (``kernel_server.py``: stdlib + jupyter_client,
+Design: the interpreter runs *inside* the sandbox (``shoal/inside/kernel_server.py``: stdlib + jupyter_client,
 one ipykernel per context) and speaks E2B's own HTTP API on 127.0.0.1:49999 there. This app checks
 the caller, then relays the request and streams the response back over the agent's
 ``port.connect`` (the sandbox has only loopback; the agent dials in for us). So the wire format
@@ -32,7 +32,6 @@ answers 502 too; the SDK reads it as "sandbox timed out / not running").
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from pathlib import Path
@@ -40,8 +39,10 @@ from pathlib import Path
 from shoal.engine import Engine
 from shoal.errors import NotFound, RuntimeFailure, ShoalError
 from shoal.runtime.agent_client import AgentClient, ProcessStream
-from shoal.server.e2b.security import Tokens, header, unavailable
+from shoal.server.asgi import error, header
+from shoal.server.e2b.security import Tokens
 from shoal.server.gate import Gate, SandboxToken
+from shoal.server.sandbox_routing import unavailable
 
 log = logging.getLogger("shoal.e2b.interpreter")
 
@@ -64,22 +65,23 @@ _DROP_REQUEST = {b"host", b"connection", b"keep-alive", b"content-length", b"tra
                  b"e2b-traffic-access-token", b"e2b-sandbox-id", b"e2b-sandbox-port"}
 _DROP_RESPONSE = {b"connection", b"keep-alive", b"transfer-encoding"}
 
+#: Read from the package, written into the sandbox: never imported by the host.
+SERVER_SOURCE = Path(__file__).resolve().parents[2] / "inside" / "kernel_server.py"
 _source: bytes | None = None
 
 
 def server_source() -> bytes:
-    """The in-sandbox server's source (``kernel_server.py`` beside this module)."""
+    """The in-sandbox server's source (``shoal/inside/kernel_server.py``: code that runs in sandboxes)."""
     global _source
     if _source is None:
-        _source = Path(__file__).with_name("kernel_server.py").read_bytes()
+        _source = SERVER_SOURCE.read_bytes()
     return _source
 
 
 def authorize(scope: dict, tokens: Tokens) -> bool:
     """The E2B auth hook: a valid envd access token or traffic access token for this sandbox."""
     sid = scope.get("shoal.sandbox_id") or ""
-    return (tokens.check_envd(sid, header(scope, b"x-access-token"))
-            or tokens.check_traffic(sid, header(scope, b"e2b-traffic-access-token")))
+    return tokens.check_either(sid, header(scope, b"x-access-token"), header(scope, b"e2b-traffic-access-token"))
 
 
 # --- starting the server in a sandbox (blocking; runs in threads) ----------------------------------
@@ -143,13 +145,6 @@ class Launcher:
 
 # --- the ASGI app ------------------------------------------------------------------------------------
 
-async def _send_json(send, status: int, body: object) -> None:  # noqa: ANN001
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
-
-
 class _TooLarge(Exception):
     pass
 
@@ -171,10 +166,9 @@ class InterpreterApp:
     """ASGI app for port 49999 of every sandbox. ``prestart``: start the server in new
     ``code-interpreter-v1`` sandboxes as they are created (see the module docstring)."""
 
-    def __init__(self, gate: Gate, *, prestart: bool = True) -> None:
-        self.gate = gate
+    def __init__(self, gate: Gate, tokens: Tokens, *, prestart: bool = True) -> None:
+        self.gate, self.tokens = gate, tokens
         engine = self.engine = gate.engine
-        self.tokens = Tokens.of(engine.settings.state_dir)
         self.launcher = Launcher(engine)
         self._unsubscribe = engine.subscribe(self._on_event) if prestart else None
 
@@ -223,25 +217,25 @@ class InterpreterApp:
             return
         sid = scope.get("shoal.sandbox_id") or ""
         if not authorize(scope, self.tokens):
-            await _send_json(send, 401, {"code": 401, "message": "invalid or missing X-Access-Token "
-                                                                 "or E2B-Traffic-Access-Token"})
+            await error(send, 401, "invalid or missing X-Access-Token "
+                        "or E2B-Traffic-Access-Token")
             return
         problem = unavailable(self.gate, sid)
         if problem is not None:
-            await _send_json(send, 502, {"code": 502, "message": problem})
+            await error(send, 502, problem)
             return
         try:
             body = await _read_body(receive)
         except _TooLarge:
-            await _send_json(send, 413, {"code": 413, "message": f"request body over {MAX_BODY} bytes"})
+            await error(send, 413, f"request body over {MAX_BODY} bytes")
             return
         except ConnectionResetError:
             return
         try:
             reader, writer = await self._open(sid)
         except ShoalError as exc:
-            await _send_json(send, 502, {"code": 502, "message": f"the code interpreter of sandbox {sid} "
-                                                                 f"is not available: {exc.message}"})
+            await error(send, 502, f"the code interpreter of sandbox {sid} "
+                        f"is not available: {exc.message}")
             return
         try:
             await self._relay(scope, body, reader, writer, receive, send)
@@ -287,8 +281,8 @@ class InterpreterApp:
                 if name.strip().lower() not in _DROP_RESPONSE:
                     headers.append((name.strip().lower(), value.strip()))
         except (OSError, ValueError, IndexError) as exc:
-            await _send_json(send, 502, {"code": 502, "message": f"the code interpreter of sandbox "
-                                                                 f"{scope.get('shoal.sandbox_id')} failed: {exc}"})
+            await error(send, 502, f"the code interpreter of sandbox "
+                        f"{scope.get('shoal.sandbox_id')} failed: {exc}")
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})
 

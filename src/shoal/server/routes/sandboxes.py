@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from shoal.engine import Engine, SandboxState
@@ -12,24 +12,28 @@ from shoal.engine.keys import ApiKey
 from shoal.engine.models import SandboxRecord
 from shoal.errors import InvalidRequest
 from shoal.server.auth import api_key
-from shoal.server.models import NetworkUpdate, Sandbox, SandboxCreate, TimeoutUpdate
+from shoal.server.models import NetworkUpdate, PauseRequest, Sandbox, SandboxCreate, TimeoutUpdate
 from shoal.server.port_access import PortAccess
 from shoal.server.routes.deps import engine
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
 
-def _with_access(sandboxes: list[Sandbox], eng: Engine) -> list[Sandbox]:
+async def port_access(request: Request) -> PortAccess:
+    """The daemon's one ``PortAccess`` (made in ``app.create_app``)."""
+    return request.app.state.port_access
+
+
+def _with_access(sandboxes: list[Sandbox], access: PortAccess) -> list[Sandbox]:
     """Add the port settings and the traffic token (the caller owns these sandboxes)."""
-    access = PortAccess(eng)
     for sb in sandboxes:
         sb.public_traffic, sb.public_ports = access.publicity(sb.id)
         sb.traffic_access_token = access.tokens.traffic(sb.id)
     return sandboxes
 
 
-def _one(rec: SandboxRecord, eng: Engine) -> Sandbox:
-    return _with_access([Sandbox.of(rec)], eng)[0]
+def _one(rec: SandboxRecord, access: PortAccess) -> Sandbox:
+    return _with_access([Sandbox.of(rec)], access)[0]
 
 
 @router.post("", status_code=201, response_model=Sandbox)
@@ -38,15 +42,16 @@ async def create_sandbox(body: SandboxCreate, request: Request, key: ApiKey = De
     started = time.perf_counter()
     rec = await run_in_threadpool(eng.create, body.template, cpu=body.cpu, memory_mb=body.memory_mb,
                                   disk_mb=body.disk_mb, env=body.env, metadata=body.metadata, timeout=body.timeout,
-                                  api_key=key)
+                                  api_key=key, layer=body.layer, internet=body.internet)
     if body.public_traffic or body.public_ports:
-        PortAccess(eng).set_public(rec.id, body.public_traffic, body.public_ports)
+        request.app.state.port_access.set_public(rec.id, body.public_traffic, body.public_ports)
     request.app.state.metrics.create_seconds.observe(time.perf_counter() - started)
-    return _one(rec, eng)
+    return _one(rec, request.app.state.port_access)
 
 
 @router.get("", response_model=list[Sandbox])
 async def list_sandboxes(key: ApiKey = Depends(api_key), eng: Engine = Depends(engine),
+                         access: PortAccess = Depends(port_access),
                          state: list[str] = Query(default=[], description="Filter by state (repeat or comma-list)."),
                          metadata: list[str] = Query(default=[], description="key=value, all must match.")
                          ) -> list[Sandbox]:
@@ -63,12 +68,15 @@ async def list_sandboxes(key: ApiKey = Depends(api_key), eng: Engine = Depends(e
         if not sep or not k:
             raise InvalidRequest(f"metadata filter must be key=value, not {pair!r}")
         wanted[k] = v
-    return _with_access([Sandbox.of(r) for r in eng.list(key, states or None, wanted or None)], eng)
+    return _with_access([Sandbox.of(r) for r in eng.list(key, states or None, wanted or None)], access)
 
 
 @router.get("/{sandbox_id}", response_model=Sandbox)
-async def get_sandbox(sandbox_id: str, key: ApiKey = Depends(api_key), eng: Engine = Depends(engine)) -> Sandbox:
-    return _one(eng.get(sandbox_id, key), eng)
+async def get_sandbox(sandbox_id: str, key: ApiKey = Depends(api_key), eng: Engine = Depends(engine),
+                      access: PortAccess = Depends(port_access)) -> Sandbox:
+    """One sandbox, with its writable layer's usage (``disk_used_bytes``/``disk_total_bytes``)."""
+    rec = eng.get(sandbox_id, key)
+    return _with_access([Sandbox.of(rec, eng.disk_usage(rec.id))], access)[0]
 
 
 @router.delete("/{sandbox_id}", status_code=204)
@@ -79,24 +87,29 @@ async def delete_sandbox(sandbox_id: str, key: ApiKey = Depends(api_key), eng: E
 
 @router.post("/{sandbox_id}/timeout", response_model=Sandbox)
 async def set_timeout(sandbox_id: str, body: TimeoutUpdate, key: ApiKey = Depends(api_key),
-                      eng: Engine = Depends(engine)) -> Sandbox:
-    return _one(eng.set_timeout(sandbox_id, body.timeout, key), eng)
+                      eng: Engine = Depends(engine), access: PortAccess = Depends(port_access)) -> Sandbox:
+    return _one(eng.set_timeout(sandbox_id, body.timeout, key), access)
 
 
 @router.post("/{sandbox_id}/pause", response_model=Sandbox)
-async def pause(sandbox_id: str, key: ApiKey = Depends(api_key), eng: Engine = Depends(engine)) -> Sandbox:
-    return _one(await run_in_threadpool(eng.pause, sandbox_id, key), eng)
+async def pause(sandbox_id: str, body: PauseRequest | None = Body(None), key: ApiKey = Depends(api_key),
+                eng: Engine = Depends(engine), access: PortAccess = Depends(port_access)) -> Sandbox:
+    """Body ``{"mode": "filesystem"}`` stops it and frees its memory, keeping its files; none (or ``memory``)
+    freezes it."""
+    mode = body.mode if body is not None else "memory"
+    return _one(await run_in_threadpool(eng.pause, sandbox_id, key, mode), access)
 
 
 @router.post("/{sandbox_id}/resume", response_model=Sandbox)
-async def resume(sandbox_id: str, key: ApiKey = Depends(api_key), eng: Engine = Depends(engine)) -> Sandbox:
-    return _one(await run_in_threadpool(eng.resume, sandbox_id, key), eng)
+async def resume(sandbox_id: str, key: ApiKey = Depends(api_key), eng: Engine = Depends(engine),
+                 access: PortAccess = Depends(port_access)) -> Sandbox:
+    return _one(await run_in_threadpool(eng.resume, sandbox_id, key), access)
 
 
 @router.put("/{sandbox_id}/network", response_model=Sandbox)
 async def set_network(sandbox_id: str, body: NetworkUpdate, key: ApiKey = Depends(api_key),
-                      eng: Engine = Depends(engine)) -> Sandbox:
+                      eng: Engine = Depends(engine), access: PortAccess = Depends(port_access)) -> Sandbox:
     """Which ports the port proxy serves without credentials (``public_traffic``: all of them)."""
     rec = eng.get(sandbox_id, key)
-    PortAccess(eng).set_public(rec.id, body.public_traffic, body.public_ports)
-    return _one(rec, eng)
+    access.set_public(rec.id, body.public_traffic, body.public_ports)
+    return _one(rec, access)

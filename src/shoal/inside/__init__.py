@@ -1,0 +1,9 @@
+"""Code that runs INSIDE sandboxes, copied in by the daemon: never imported by the host.
+
+* ``kernel_server.py``: the code interpreter (E2B's port 49999) in front of Jupyter kernels;
+  stdlib + ``jupyter_client`` only (what ``code-interpreter-v1`` installs). The daemon writes its
+  source into the sandbox each time it starts it (``server/e2b/interpreter.py``), so the server
+  always matches the daemon. Being sandbox code, whatever it answers is hostile input to the host.
+
+(The agent, PID 1 of every sandbox, is ``shoal.agent``: it is bind-mounted, not copied.)
+"""
