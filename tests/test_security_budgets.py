@@ -241,12 +241,16 @@ def test_oom_kills_user_processes_not_the_agent(engine, new_sandbox, base_templa
     sid = new_sandbox(base_template, memory_mb=64, layer="ram")  # the disk layer would just take it
     a = engine.agent(sid)
     a.run(["sh", "-c", "for i in $(seq 20); do nohup sleep 600 >/dev/null 2>&1 & done"])
-    r = a.run(["sh", "-c", "head -c 200M /dev/zero > /tmp/fill"], timeout=60)
+    # dd itself is the writer (no shell whose death would leave a writer behind to refill memory)
+    r = a.run(["dd", "if=/dev/zero", "of=/tmp/fill", "bs=1M", "count=200"], timeout=60)
     assert r.exit_code != 0, "the writable layer took 200 MiB in a 64 MiB sandbox: test proves nothing"
     assert (engine.runtime.usage(sid).get("oom_kills") or 0) > 0, "no OOM kill happened: test proves nothing"
     assert engine.runtime.is_alive(sid), "the OOM killer took the agent"
     a.remove("/tmp/fill")  # by the agent itself: a new process could be the next OOM victim until then
-    assert a.run(["cat", "/proc/self/oom_score_adj"]).stdout == "1000\n"
+    # the agent gives each child its score right after the spawn (see agent/spawn.py): read it from a
+    # process the child forks a moment later, which inherits it
+    r = a.run(["sh", "-c", "sleep 0.2; cat /proc/self/oom_score_adj"])
+    assert r.stdout == "1000\n", (r, engine.runtime.usage(sid))
     assert a.run(["echo", "alive"]).stdout == "alive\n"
 
 
@@ -254,7 +258,8 @@ def test_oom_kills_user_processes_not_the_agent(engine, new_sandbox, base_templa
 def test_children_cannot_outrank_the_agent(engine, base_sandbox, user):
     """A process may raise its own OOM score, never lower it below the agent's."""
     a = engine.agent(base_sandbox)
-    r = a.run(["sh", "-c", "cat /proc/self/oom_score_adj; echo -1000 > /proc/self/oom_score_adj"], user=user)
+    r = a.run(["sh", "-c", "sleep 0.2; cat /proc/self/oom_score_adj; echo -1000 > /proc/self/oom_score_adj"],
+              user=user)  # (the agent gives the child its score right after the spawn)
     assert r.stdout == "1000\n" and r.exit_code != 0, (r.stdout, r.stderr)
     agent_score = int(a.read_file("/proc/1/oom_score_adj"))
     r = a.run(["sh", "-c", f"echo {agent_score} > /proc/self/oom_score_adj; cat /proc/self/oom_score_adj"],

@@ -5,15 +5,15 @@ more than the whole exec it serves, so the agent calls the same C primitive it u
 ``_posixsubprocess.fork_exec`` (vfork + exec, 0.8 ms here), and falls back to ``subprocess``
 only on Python versions whose primitive signature we do not know.
 
-Every child starts with ``oom_score_adj`` 1000: when a sandbox fills its memory (a hog, a thousand
-small processes, a full RAM-backed writable layer), the kernel kills user processes first, never the
-agent that answers the host (its own score stays 0; where the daemon holds CAP_SYS_RESOURCE the host
-also lowers it to -1000, see ``shoal.runtime.linux.oom``). Any process may raise its own score but
-not lower it below ``oom_score_adj_min``, which the children inherit from the agent (0): a program
-can make itself less of a victim, never more protected than the agent. The child sets its score
-itself, between fork and exec and before it drops to the user's uid (after which ``/proc/self`` is
-no longer its to write): setting it from the agent after the spawn would leave a window in which
-the program could fork children with the agent's score.
+Every child gets ``oom_score_adj`` 1000: when a sandbox fills its memory (a hog, a thousand small
+processes, a full RAM-backed writable layer), the kernel kills user processes first, never the agent
+that answers the host (its own score stays 0; where the daemon holds CAP_SYS_RESOURCE the host also
+lowers it to -1000, see ``shoal.runtime.linux.oom``). The agent writes the child's score right after
+the spawn returns (the child has exec'd by then), not in the child: a hook in the child would force
+fork instead of vfork and cost about 1 ms per exec. The price is a window of microseconds in which a
+program that forks at once could leave a grandchild with the agent's score; that only protects the
+program as much as the agent, and sandbox code can take its agent down anyway (see the threat model):
+the score is there so that ordinary workloads never take the agent with them.
 """
 
 from __future__ import annotations
@@ -51,9 +51,8 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str | None, stdin: int, std
     """
     args = [os.fsencode(a) for a in argv]
     env_list = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
-    # The child sets its OOM score, then switches user itself (see the module docstring).
-    ids = (uid, gid, groups) if uid != 0 or gid != 0 else None
-    preexec = _child_setup(_controlling_tty_setter() if pty else None, ids)
+    switch = uid != 0 or gid != 0
+    preexec = _controlling_tty_setter() if pty else None  # None keeps vfork: no Python in the child
     errpipe_read, errpipe_write = os.pipe2(os.O_CLOEXEC)
     try:
         if _V in ((3, 11), (3, 12)):
@@ -62,7 +61,7 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str | None, stdin: int, std
                 args, _executable_list(args[0], env), True, tuple(sorted((*keep_fds, errpipe_write))), cwd, env_list,
                 stdin, -1, -1, stdout, -1, stderr, errpipe_read, errpipe_write,
                 True, True, -1,
-                None, None, None,
+                gid if switch else None, groups if switch else None, uid if switch else None,
                 -1, preexec, True,
             )
         else:  # pragma: no cover - other Pythons: slower, same behaviour
@@ -70,7 +69,10 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str | None, stdin: int, std
             proc = subprocess.Popen(
                 argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr,
                 start_new_session=True, preexec_fn=preexec, pass_fds=keep_fds,
+                user=uid if switch else None, group=gid if switch else None,
+                extra_groups=groups if switch else None,
             )
+            _first_in_line(proc.pid)
             proc._child_created = False  # the agent's reaper owns waiting for it
             return proc.pid
     finally:
@@ -90,32 +92,22 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str | None, stdin: int, std
         # 3.11 says only "noexec" for any failure before exec; chdir is the one that can fail there.
         step = "exec" if not msg.startswith(b"noexec") else ("chdir" if cwd else "setup")
         raise SpawnError(int(hex_errno, 16), step, argv[0])
+    _first_in_line(pid)
     return pid
 
 
-def _child_setup(then, ids: tuple[int, int, list[int] | None] | None):  # noqa: ANN001, ANN202
-    """A child-side hook: the OOM score, then ``then`` (the tty hook), then the user switch.
-
-    Everything it calls is looked up here, in the parent, for the same reason as the tty hook."""
-    open_, write, close = os.open, os.write, os.close
-    setgroups, setregid, setreuid = os.setgroups, os.setregid, os.setreuid
-    path, flags = "/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC
-
-    def setup() -> None:
-        fd = open_(path, flags)
-        try:
-            write(fd, CHILD_OOM_SCORE)
-        finally:
-            close(fd)
-        if then is not None:
-            then()
-        if ids is not None:
-            if ids[2] is not None:
-                setgroups(ids[2])
-            setregid(ids[1], ids[1])
-            setreuid(ids[0], ids[0])
-
-    return setup
+def _first_in_line(pid: int) -> None:
+    """Make ``pid`` the OOM killer's first choice (see the module docstring); gone already is fine."""
+    try:
+        fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.write(fd, CHILD_OOM_SCORE)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _controlling_tty_setter():  # noqa: ANN202

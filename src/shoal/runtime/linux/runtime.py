@@ -18,6 +18,7 @@ and reconciles only its own resources, and a run directory belongs to one instan
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from pathlib import Path
 from shoal.errors import CapacityExceeded, Conflict, RuntimeFailure, ShoalError, from_errno
 from shoal.runtime import agent_runtime
 from shoal.runtime.base import Capabilities, SandboxSpec
-from shoal.runtime.linux import budgets, cgroups, mounts, oci, oom
+from shoal.runtime.linux import budgets, cgroups, mounts, oci, oom, userns_pool
 from shoal.settings import Settings
 from shoal.storage.layers import DiskUsage, WritableLayers
 
@@ -49,6 +50,8 @@ class LinuxRuntime:
         cgroups.prepare_host()
         budgets.prepare_host()
         self._claim_run_dir()
+        self.userns_pool = userns_pool.UsernsPool(settings.run_dir / "userns", settings.uid_base, settings.uid_count)
+        atexit.register(self.userns_pool.close)
         for d in (settings.sandboxes_dir, settings.crun_root):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o711)  # traversable by the sandbox uid while crun sets up, not listable
@@ -104,7 +107,7 @@ class LinuxRuntime:
             mounts.mount_overlay(bundle / "rootfs", spec.lower_dir, bundle / "upper/upper", bundle / "upper/work",
                                  cwd=bundle)
             step = "user namespace"
-            budgets.make_userns(bundle / "userns", self.settings.uid_base, self.settings.uid_count)
+            os.symlink(self.userns_pool.claim(), bundle / "userns")  # see userns_pool: made ahead of time
             step = "config"
             cfg = oci.config(spec, str(self.runtime_dir()), self.settings.uid_base, self.settings.uid_count,
                              cgroup=self.container(sid), userns=str(bundle / "userns"))
@@ -228,9 +231,31 @@ class LinuxRuntime:
             mounts.umount(bundle / "rootfs", strict=True)
             self.layers.unmount(bundle / "upper")
         mounts.umount_tree(bundle)
+        self._release_userns(bundle)
         shutil.rmtree(bundle, ignore_errors=True)
         if not keep_files:
             self.layers.remove(sandbox_id)
+
+    def _release_userns(self, bundle: Path) -> None:
+        """Free the sandbox's user namespace file (the bundle links to it in ``<run>/userns``)."""
+        try:
+            target = Path(os.readlink(bundle / "userns"))
+        except OSError:
+            return
+        if target.parent == self.userns_pool.directory:  # never act on a link pointing elsewhere
+            userns_pool.release(target)
+
+    def _userns_in_use(self) -> set[Path]:
+        in_use = set()
+        try:
+            for entry in os.scandir(self.settings.sandboxes_dir):
+                try:
+                    in_use.add(Path(os.readlink(Path(entry.path) / "userns")))
+                except OSError:
+                    pass
+        except OSError:
+            pass
+        return in_use
 
     def has_files(self, sandbox_id: str) -> bool:
         """True if the sandbox's files are on the host without it (its ``disk`` layer's image)."""
@@ -273,7 +298,10 @@ class LinuxRuntime:
             return os.waitstatus_to_exitcode(status), err.read().decode(errors="replace")
 
     def existing(self) -> set[str]:
-        """Ids of this instance's sandboxes that hold anything on the host (never another instance's)."""
+        """Ids of this instance's sandboxes that hold anything on the host (never another instance's).
+
+        Reconcile starts here, so user namespace files that no sandbox holds and whose maker died go now."""
+        self.userns_pool.sweep(self._userns_in_use())
         prefix = self.settings.resource_prefix
         found = set(cgroups.existing(prefix))
         try:
