@@ -279,7 +279,8 @@ def daemon() -> Iterator[RunningDaemon]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Leave nothing of this run's instance on the host: its sandboxes, mounts and directories."""
-    from shoal.runtime.linux import mounts
+    from shoal.net.network import Network
+    from shoal.runtime.linux import mounts, userns_pool
 
     try:
         engine = Engine()
@@ -290,6 +291,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             engine.runtime.destroy(sid)
     except Exception as exc:  # noqa: BLE001 - report, then still unmount what we can
         print(f"\nshoal test cleanup: {exc}")
+    # the pools' threads must stop before the directories go, or they make new entries in them
+    userns_pool.close_all()
+    for net in list(Network._instances.values()):
+        net.close()
     mounts.umount_tree(TEST_ROOT)
     if _OWN_ROOT:
         shutil.rmtree(TEST_ROOT, ignore_errors=True)

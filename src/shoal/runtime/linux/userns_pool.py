@@ -19,11 +19,13 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from shoal.runtime.linux import budgets, mounts
 
 POOL_SIZE = 2
+_pools: weakref.WeakSet[UsernsPool] = weakref.WeakSet()  # for close_all
 _numbers = itertools.count()  # one sequence per process: several pools (instances) may share a directory name
 REFILL_DELAY = 0.3  # seconds after the last claim: a refill never runs beside a create
 
@@ -48,9 +50,10 @@ class UsernsPool:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._me = f"{os.getpid()}-{_start_time(os.getpid())}"
+        _pools.add(self)
 
     def _make(self) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(exist_ok=True)  # not its parents: a removed run directory stays removed
         path = self.directory / f"{self._me}-{next(_numbers)}"
         budgets.make_userns(path, self.uid_base, self.uid_count)
         return path
@@ -112,6 +115,12 @@ class UsernsPool:
             release(path)
             removed.append(path)
         return removed
+
+
+def close_all() -> None:
+    """Close every pool of this process (a test run's end, before its run directory goes)."""
+    for pool in list(_pools):
+        pool.close()
 
 
 def release(path: Path) -> None:
