@@ -68,13 +68,21 @@ async def _serve(ws: WebSocket, sandbox_id: str, pty: bool) -> None:
                         await stream.send_stdin(str(ctl.get("data", "")).encode())
         except (WebSocketDisconnect, ShoalError, ValueError, KeyError):
             pass
-        # The client is gone: hang up like a terminal does (SIGHUP to a PTY's session, EOF on a
-        # pipe), so an abandoned shell does not run forever.
-        if stream.end is None:
-            try:
-                await stream.control({"op": "signal", "signal": 1} if pty else {"op": "close_stdin"})
-            except (ShoalError, OSError):
-                pass
+        await hang_up()
+
+    hung_up = False
+
+    async def hang_up() -> None:
+        """The client is gone: hang up like a terminal does (SIGHUP to a PTY's session, EOF on a pipe),
+        so an abandoned shell does not run forever. Either loop may notice the client leave first."""
+        nonlocal hung_up
+        if hung_up or stream.end is not None:
+            return
+        hung_up = True
+        try:
+            await stream.control({"op": "signal", "signal": 1} if pty else {"op": "close_stdin"})
+        except (ShoalError, OSError):
+            pass
 
     reader = asyncio.create_task(pump_in())
     try:
@@ -95,6 +103,7 @@ async def _serve(ws: WebSocket, sandbox_id: str, pty: bool) -> None:
             pass
     finally:
         reader.cancel()
+        await hang_up()  # sending output failed first: the reader was cancelled before it could
         stream.close()
 
 
