@@ -40,6 +40,7 @@ from shoal.errors import (
     ShoalError,
     from_errno,
 )
+from shoal.host_processes import process_start_time
 from shoal.images import TemplateStore
 from shoal.locks import file_lock
 from shoal.net import Lease, NetConfig, Network
@@ -62,16 +63,6 @@ def unusable(rec: SandboxRecord) -> ShoalError:
     if rec.state is SandboxState.ERROR:
         return InvalidTransition(f"failed ({rec.reason or 'unknown reason'}); delete it", "use", rec.id)
     return InvalidTransition(rec.state.value, "use", rec.id)
-
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot): tells a live owner from pid reuse."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class Engine:

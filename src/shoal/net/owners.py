@@ -26,18 +26,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from shoal.host_processes import process_start_time as start_time
+
 #: What ``read`` returns for a slot with no file (distinct from ``None``: a file that is empty or garbage).
 MISSING: dict = {"missing": True}
-
-
-def start_time(pid: int) -> int | None:
-    """The process' start time (clock ticks since boot), or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def me() -> list:
