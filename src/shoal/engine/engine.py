@@ -262,7 +262,7 @@ class Engine:
         try:
             self.runtime.stop(rec.id)
         except OSError as exc:
-            raise RuntimeFailure(f"stopping sandbox {rec.id}: {from_errno(exc).message} (its files are kept; "
+            raise RuntimeFailure(f"{from_errno(exc, f'stopping sandbox {rec.id}').message} (its files are kept; "
                                  "resume or the next reconcile finishes the stop)", "pause", rec.id) from exc
 
     def resume(self, sandbox_id: str, api_key: ApiKey | None = None) -> SandboxRecord:
@@ -286,7 +286,7 @@ class Engine:
         try:
             self.runtime.destroy(rec.id, keep_files=True)  # what a crashed pause or resume left running
         except OSError as exc:
-            raise RuntimeFailure(f"clearing what is left of sandbox {rec.id}: {from_errno(exc).message}",
+            raise RuntimeFailure(from_errno(exc, f"clearing what is left of sandbox {rec.id}").message,
                                  "resume", rec.id) from exc
         if not self.runtime.has_files(rec.id):
             raise RuntimeFailure(f"the files of sandbox {rec.id} are gone from the host", "resume", rec.id)

@@ -30,6 +30,7 @@ import secrets
 import struct
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +180,14 @@ class WritableLayers:
             _syncfs(fd)
         finally:
             os.close(fd)
-        mounts.umount(target, strict=True)
+        for attempt in range(100):  # EBUSY while a short-lived helper forked elsewhere still holds an fd
+            try:
+                mounts.umount(target, strict=True)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or attempt == 99:
+                    raise
+                time.sleep(0.01)
 
     def remove(self, sandbox_id: str) -> None:
         self.image(sandbox_id).unlink(missing_ok=True)

@@ -117,8 +117,12 @@ def make_userns(target: Path, uid_base: int, uid_count: int) -> None:
     if pid == 0:  # pragma: no cover - the child: syscalls only, then _exit
         code = 1
         try:
-            os.close(to_child_w)
-            os.close(to_parent_r)
+            # Everything else the parent had open (a sandbox's log, a layer's files: other threads are
+            # busy creating and stopping sandboxes) must not stay open here, or it keeps their mounts busy.
+            for low, high in ((0, min(to_child_r, to_parent_w)), (max(to_child_r, to_parent_w) + 1, 1 << 20)):
+                os.closerange(max(low, 3), high)
+            between = range(min(to_child_r, to_parent_w) + 1, max(to_child_r, to_parent_w))
+            os.closerange(between.start, between.stop)
             code = _outer_helper(to_child_r, to_parent_w, uid_count)
         finally:
             os._exit(code)
