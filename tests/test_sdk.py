@@ -172,8 +172,15 @@ def test_set_timeout_pause_and_resume(conn: dict):
 
 def test_sandbox_expires_after_its_timeout(conn: dict):
     box = Sandbox.create(timeout=1, **conn)
-    deadline = time.monotonic() + 10
-    while box.is_running() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 15
+
+    def gone() -> bool:  # not running is not enough: it may still be stopping (its layer being unmounted)
+        try:
+            box.info()
+            return False
+        except NotFound:
+            return True
+    while not gone() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not box.is_running()
     with pytest.raises(NotFound):

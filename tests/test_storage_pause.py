@@ -142,7 +142,10 @@ def test_files_survive_a_host_reboot(engine: Engine, new_sandbox: Callable[..., 
         if engine.network is not None:  # it comes back with a network of its own, not loopback only
             devices = engine.agent(sid).read_file("/proc/net/dev").decode().splitlines()[2:]
             assert len(devices) == 2 and engine.get(sid).address, devices
-    assert ram not in {r.id for r in engine.store.all()}  # a ram layer does not outlive its host
+    # a ram layer does not outlive its host: deleted by the start-up reconcile, or already failed (error)
+    # by a daemon of this instance that saw its agent die first (as in the test suite)
+    left = {r.id: r for r in engine.store.all()}
+    assert ram not in left or left[ram].state is SandboxState.ERROR, left.get(ram)
 
 
 # --- SIGKILL in the middle ----------------------------------------------------------------------------------

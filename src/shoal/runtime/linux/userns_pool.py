@@ -3,7 +3,7 @@
 Making one costs about 10 ms on the create path (a fork of the creating process, two unshares, maps
 and limits written), which is a quarter of create → first result. They are all alike (the same uid
 range, the same shares), so each process that creates sandboxes keeps a couple ready, made by a
-background thread right after each claim, and a create takes one in microseconds.
+background thread a moment after the last claim, and a create takes one in microseconds.
 
 Each is an nsfs bind mount in ``<run>/userns/``, named ``<pid>-<start>-<n>`` after the process that made
 it. A sandbox's bundle holds a symlink ``userns`` to the one it took; destroy unmounts and removes
@@ -27,10 +27,10 @@ from shoal.runtime.linux import budgets, mounts
 POOL_SIZE = 2
 _pools: weakref.WeakSet[UsernsPool] = weakref.WeakSet()  # for close_all
 _numbers = itertools.count()  # one sequence per process: several pools (instances) may share a directory name
-#: Seconds after the last claim before refilling. 0: at once. Making one is mostly syscalls and waits
-#: (fork, unshare, map writes) that release the GIL, so a refill beside the next create costs it less
-#: than making its namespace inline (measured: back-to-back creates 60 → 54 ms p50 with 0 instead of 0.3).
-REFILL_DELAY = 0.0
+#: Seconds after the last claim before refilling, so that a refill (a fork of this process) does not run
+#: beside the creates and stops of a burst. Refilling at once made back-to-back creates 6 ms faster
+#: (60 → 54 ms p50) but forked the daemon in the middle of other sandboxes' work; kept for later.
+REFILL_DELAY = 0.3
 
 
 class UsernsPool:
