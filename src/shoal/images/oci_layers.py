@@ -34,10 +34,9 @@ from dataclasses import dataclass
 from typing import IO
 
 from shoal.errors import InvalidRequest
+from shoal.storage.confined import plain_names
 
 GIB = 1024 ** 3
-NAME_MAX = 255
-PATH_MAX = 4096
 MAX_SYMLINK_HOPS = 40
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -60,19 +59,7 @@ class ImportLimits:
 
 def split_name(name: str) -> list[str]:
     """The plain components of a layer member's name; ``InvalidRequest`` if it could leave the tree."""
-    if "\0" in name:
-        raise InvalidRequest(f"unsafe path in image layer: {name!r} contains a NUL byte")
-    if name.startswith("/"):
-        raise InvalidRequest(f"unsafe path in image layer: {name!r} is absolute")
-    if len(os.fsencode(name)) > PATH_MAX:
-        raise InvalidRequest("unsafe path in image layer: longer than 4096 bytes")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    for part in parts:
-        if part == "..":
-            raise InvalidRequest(f"unsafe path in image layer: {name!r} has a '..' component")
-        if len(os.fsencode(part)) > NAME_MAX:
-            raise InvalidRequest(f"unsafe path in image layer: a name in {name!r} is longer than 255 bytes")
-    return parts
+    return plain_names(name, "in image layer", skip_dots=True)
 
 
 def _v3_caps(value: bytes, rootid: int) -> bytes:

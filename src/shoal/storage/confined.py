@@ -57,18 +57,25 @@ def split_relative(path: object) -> list[str]:
     """The plain names of a destination-relative path, or ``InvalidRequest`` if it could leave it."""
     if not isinstance(path, str) or not path:
         raise InvalidRequest("unsafe path from the sandbox: empty or not text")
+    return plain_names(path, "from the sandbox")
+
+
+def plain_names(path: str, where: str, *, skip_dots: bool = False) -> list[str]:
+    """The names of a relative path, each safe to open below a directory fd; ``InvalidRequest`` (naming
+    ``where`` the path came from) if it is absolute, too long, has a NUL or a ``..``. ``skip_dots``
+    drops empty and ``.`` names (tar member names have them) instead of refusing them."""
     if "\0" in path:
-        raise InvalidRequest(f"unsafe path from the sandbox: {path!r} contains a NUL byte")
+        raise InvalidRequest(f"unsafe path {where}: {path!r} contains a NUL byte")
     if path.startswith("/"):
-        raise InvalidRequest(f"unsafe path from the sandbox: {path!r} is absolute")
+        raise InvalidRequest(f"unsafe path {where}: {path!r} is absolute")
     if len(os.fsencode(path)) > PATH_MAX:
-        raise InvalidRequest("unsafe path from the sandbox: longer than 4096 bytes")
-    parts = path.split("/")
+        raise InvalidRequest(f"unsafe path {where}: longer than {PATH_MAX} bytes")
+    parts = [n for n in path.split("/") if n not in ("", ".")] if skip_dots else path.split("/")
     for name in parts:
         if name in ("", ".", ".."):
-            raise InvalidRequest(f"unsafe path from the sandbox: {path!r} has an empty, '.' or '..' component")
+            raise InvalidRequest(f"unsafe path {where}: {path!r} has an empty, '.' or '..' component")
         if len(os.fsencode(name)) > NAME_MAX:
-            raise InvalidRequest(f"unsafe path from the sandbox: a name in {path!r} is longer than 255 bytes")
+            raise InvalidRequest(f"unsafe path {where}: a name in {path!r} is longer than {NAME_MAX} bytes")
     return parts
 
 
