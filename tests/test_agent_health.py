@@ -22,12 +22,11 @@ def _kill_agent(engine, sid: str) -> int:
     return pid
 
 
-def test_engine_notices_a_dead_agent(engine, new_sandbox, leftovers):
-    sid = new_sandbox(layer="ram")
+def _kill_and_notice(engine, sid: str) -> tuple[int, list[dict]]:
+    """Kill the agent from the host and run the health check until it notices; its pid and the events."""
     events: list[dict] = []
     unsubscribe = engine.subscribe(events.append)
     try:
-        assert sid not in engine.check_health()  # a healthy sandbox is left alone
         pid = _kill_agent(engine, sid)
         deadline = time.monotonic() + 10
         failed: list[str] = []
@@ -36,9 +35,16 @@ def test_engine_notices_a_dead_agent(engine, new_sandbox, leftovers):
         assert sid in failed
     finally:
         unsubscribe()
+    return pid, [e["type"] for e in events if e["sandbox"]["id"] == sid]
+
+
+def test_engine_notices_a_dead_agent(engine, new_sandbox, leftovers):
+    sid = new_sandbox(layer="ram")
+    assert sid not in engine.check_health()  # a healthy sandbox is left alone
+    pid, events = _kill_and_notice(engine, sid)
     rec = engine.get(sid)
     assert rec.state is SandboxState.ERROR and "agent" in (rec.reason or "")
-    assert [e["type"] for e in events if e["sandbox"]["id"] == sid] == [SandboxEvent.DIED.value]
+    assert events == [SandboxEvent.DIED.value]
     try:
         engine.agent(sid)
         raise AssertionError("a failed sandbox must not hand out an agent")
@@ -71,21 +77,11 @@ def test_daemon_reports_a_dead_agent(daemon, engine):
 def test_a_disk_sandbox_whose_agent_died_keeps_its_files(engine, new_sandbox):
     sid = new_sandbox()  # the default layer: on the host's disk
     engine.agent(sid).run(["sh", "-c", "echo kept > /root/data"])
-    events: list[dict] = []
-    unsubscribe = engine.subscribe(events.append)
-    try:
-        _kill_agent(engine, sid)
-        deadline = time.monotonic() + 10
-        failed: list[str] = []
-        while sid not in failed and time.monotonic() < deadline:
-            failed = engine.check_health()
-        assert sid in failed
-    finally:
-        unsubscribe()
+    _, events = _kill_and_notice(engine, sid)
     rec = engine.get(sid)
     assert (rec.state, rec.pause_mode) == (SandboxState.PAUSED, "filesystem"), rec
     assert "agent" in rec.reason and "resume" in rec.reason
-    assert [e["type"] for e in events if e["sandbox"]["id"] == sid] == [SandboxEvent.DIED.value]
+    assert events == [SandboxEvent.DIED.value]
     try:
         engine.agent(sid)
         raise AssertionError("a paused sandbox must not hand out an agent")
