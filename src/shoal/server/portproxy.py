@@ -31,9 +31,9 @@ import h11
 
 from shoal.errors import NotFound, ShoalError
 from shoal.server.asgi import encode, error, header
-from shoal.server.gate import Gate, SandboxToken
+from shoal.server.gate import Gate
 from shoal.server.port_access import PortAccess, api_key_header
-from shoal.server.sandbox_routing import unavailable
+from shoal.server.sandbox_routing import traffic_agent
 
 log = logging.getLogger("shoal.portproxy")
 READ_SIZE = 256 * 1024
@@ -78,10 +78,10 @@ class PortProxy:
             else:
                 await error(send, 400, f"invalid port {port}")
             return
-        problem = unavailable(self.gate, sid)  # access was decided above: owner, token or public
-        if problem is None:
+        agent, problem = traffic_agent(self.gate, sid)  # access was decided above: owner, token or public
+        if agent is not None:
             try:
-                reader, writer = await self.gate.agent(sid, SandboxToken(sid)).open_port(port)
+                reader, writer = await agent.open_port(port)
             except NotFound:
                 problem = f"The sandbox {sid} is running but port is not open: nothing listens on port {port}"
             except ShoalError as exc:

@@ -22,6 +22,7 @@ import re
 from typing import Protocol
 
 from shoal.errors import NotFound, ShoalError
+from shoal.runtime.agent_aio import AsyncAgentClient
 from shoal.server.asgi import ASGIApp, Receive, Scope, Send
 from shoal.server.gate import Gate, SandboxToken
 
@@ -50,18 +51,17 @@ def by_host(scope: Scope) -> tuple[str, int] | None:
     return None
 
 
-def unavailable(gate: Gate, sid: str) -> str | None:
-    """Why sandbox traffic for ``sid`` (its credential already checked) cannot be served, as the one
-    gate says it, in the words E2B's SDKs look for ("was not found" means not running to them); None
-    when it can be served."""
+def traffic_agent(gate: Gate, sid: str) -> tuple[AsyncAgentClient | None, str | None]:
+    """The agent for sandbox traffic to ``sid`` (its credential already checked), through the one gate,
+    or why it cannot be served, in the words E2B's SDKs look for ("was not found" means not running to
+    them). Exactly one of the two is None."""
     try:
-        gate.usable(sid, SandboxToken(sid))
+        return gate.agent(sid, SandboxToken(sid)), None
     except NotFound:
-        return f"The sandbox {sid} was not found"
+        return None, f"The sandbox {sid} was not found"
     except ShoalError as exc:
         hint = " (connect to resume it)" if "paused" in exc.message else ""
-        return f"The sandbox {sid} was not found: {exc.message}{hint}"
-    return None
+        return None, f"The sandbox {sid} was not found: {exc.message}{hint}"
 
 
 class SandboxRouting:

@@ -40,8 +40,8 @@ from shoal.server.asgi import send_json
 from shoal.server.e2b import ENVD_PORT, signing, uploads
 from shoal.server.e2b import connect as c
 from shoal.server.e2b.security import Tokens
-from shoal.server.gate import Gate, SandboxToken
-from shoal.server.sandbox_routing import unavailable
+from shoal.server.gate import Gate
+from shoal.server.sandbox_routing import traffic_agent
 
 log = logging.getLogger("shoal.e2b")
 DEFAULT_USER = "user"
@@ -391,7 +391,7 @@ class EnvdApp:
             else:
                 await send_json(send, 401, {"code": 401, "message": "invalid or missing X-Access-Token"})
             return
-        problem = unavailable(self.gate, sid)
+        agent, problem = traffic_agent(self.gate, sid)
         if problem is None and auth == SIGNED:
             problem = self._signature_expired(sid, query)
             if problem is not None:
@@ -402,7 +402,6 @@ class EnvdApp:
             return
         if auth == SIGNED:  # the URL grants its own user only, whatever Authorization says
             headers.pop("authorization", None)
-        agent = self.gate.agent(sid, SandboxToken(sid))
         if rpc:
             await self._rpc(scope, receive, send, sid, agent, headers, path)
         elif path == "/health":

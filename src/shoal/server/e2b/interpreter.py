@@ -38,11 +38,12 @@ from pathlib import Path
 
 from shoal.engine import Engine
 from shoal.errors import NotFound, RuntimeFailure, ShoalError
+from shoal.runtime.agent_aio import AsyncAgentClient
 from shoal.runtime.agent_client import AgentClient, ProcessStream
 from shoal.server.asgi import error, header
 from shoal.server.e2b.security import Tokens
-from shoal.server.gate import Gate, SandboxToken
-from shoal.server.sandbox_routing import unavailable
+from shoal.server.gate import Gate
+from shoal.server.sandbox_routing import traffic_agent
 
 log = logging.getLogger("shoal.e2b.interpreter")
 
@@ -220,8 +221,8 @@ class InterpreterApp:
             await error(send, 401, "invalid or missing X-Access-Token "
                         "or E2B-Traffic-Access-Token")
             return
-        problem = unavailable(self.gate, sid)
-        if problem is not None:
+        agent, problem = traffic_agent(self.gate, sid)
+        if agent is None:
             await error(send, 502, problem)
             return
         try:
@@ -232,7 +233,7 @@ class InterpreterApp:
         except ConnectionResetError:
             return
         try:
-            reader, writer = await self._open(sid)
+            reader, writer = await self._open(sid, agent)
         except ShoalError as exc:
             await error(send, 502, f"the code interpreter of sandbox {sid} "
                         f"is not available: {exc.message}")
@@ -242,8 +243,8 @@ class InterpreterApp:
         finally:
             writer.close()
 
-    async def _open(self, sid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        agent = self.gate.agent(sid, SandboxToken(sid))
+    async def _open(self, sid: str, agent: AsyncAgentClient
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
             return await agent.open_port(PORT)
         except NotFound:
