@@ -232,8 +232,39 @@ def test_reconcile_after_owner_sigkill(engine, leftovers, sandbox):
                 pass
 
 
-def test_reconcile_when_the_agent_died(engine, new_sandbox, leftovers):
-    sid = new_sandbox()
+@pytest.fixture
+def lone_engine():
+    """An Engine of an instance of its own: the suite's daemon (same instance as ``engine``) would notice
+    a dead agent within a second and handle it itself, before the reconcile this test is about."""
+    import shutil
+    import tempfile
+
+    from conftest import USER_STATE_DIR, _seed_templates
+    from shoal.engine.engine import Engine
+    from shoal.net.network import Network
+
+    root = Path(tempfile.mkdtemp(prefix="shoal-test-lone-", dir="/var/tmp"))
+    os.chmod(root, 0o711)
+    (root / "state").mkdir(mode=0o711)
+    _seed_templates(USER_STATE_DIR / "templates", root / "state" / "templates")
+    settings = Settings(state_dir=root / "state", run_dir=root / "run")
+    engine = Engine(settings)
+    try:
+        yield engine
+    finally:
+        net = Network._instances.get(settings.instance)
+        if net is not None:
+            net.close()
+        engine.runtime.userns_pool.close()
+        mounts.umount_tree(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_reconcile_when_the_agent_died(lone_engine):
+    from conftest import host_leftovers
+
+    engine = lone_engine
+    sid = engine.create("minimal", wait=True).id
     init = engine.runtime.init_pid(sid)
     assert init and engine.runtime.is_alive(sid)
     os.kill(init, signal.SIGKILL)  # pid 1 of the sandbox: the whole sandbox dies with it
@@ -244,7 +275,7 @@ def test_reconcile_when_the_agent_died(engine, new_sandbox, leftovers):
     with pytest.raises(ShoalError):
         engine.run(sid, ["true"])
     assert sid in reconcile_until(engine, {sid})
-    assert leftovers(sid, [init]) == []
+    assert host_leftovers(engine, sid, [init]) == []
 
 
 def test_reconcile_frees_resources_without_a_record(engine, leftovers):
