@@ -281,6 +281,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Leave nothing of this run's instance on the host: its sandboxes, mounts and directories."""
     from shoal.net.network import Network
     from shoal.runtime.linux import mounts, userns_pool
+    from shoal.storage import ready_layers
 
     try:
         engine = Engine()
@@ -293,6 +294,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print(f"\nshoal test cleanup: {exc}")
     # the pools' threads must stop before the directories go, or they make new entries in them
     userns_pool.close_all()
+    ready_layers.close_all()
     for net in list(Network._instances.values()):
         net.close()
     mounts.umount_tree(TEST_ROOT)

@@ -37,6 +37,7 @@ from pathlib import Path
 from shoal.errors import Conflict, RuntimeFailure
 from shoal.runtime.linux import mounts
 from shoal.settings import Settings
+from shoal.storage.ready_layers import ReadyLayers
 
 DISK = "disk"
 RAM = "ram"
@@ -69,6 +70,8 @@ class WritableLayers:
         self.dir = settings.state_dir / "layers"
         self.pristine_dir = self.dir / "pristine"
         self._refill_lock = threading.Lock()
+        #: fresh layers mounted ahead of time (``ready_layers``): a create moves one into place
+        self.ready = ReadyLayers(self, self.dir, settings.run_dir / "layers-ready", settings.uid_base)
 
     def image(self, sandbox_id: str) -> Path:
         return self.dir / f"{sandbox_id}.ext4"
@@ -80,9 +83,14 @@ class WritableLayers:
     # --- making ------------------------------------------------------------------------------
     def create_image(self, sandbox_id: str, size_mb: int) -> Path:
         """A fresh, empty ext4 image of ``size_mb`` for the sandbox (replacing any stale one)."""
+        target = self.image(sandbox_id)
+        self.copy_pristine(size_mb, target)
+        return target
+
+    def copy_pristine(self, size_mb: int, target: Path) -> None:
+        """Put a fresh, empty ext4 image of ``size_mb`` at ``target`` (a spare if one is ready)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
-        target = self.image(sandbox_id)
         spare = self._claim_spare(size_mb)
         if spare is not None:
             os.replace(spare, target)
@@ -91,7 +99,6 @@ class WritableLayers:
             _sparse_copy(self._pristine(size_mb), tmp)
             os.replace(tmp, target)  # never a half-copied image under the sandbox's name
         threading.Thread(target=self._refill, args=(size_mb,), name="shoal-layer-spares", daemon=True).start()
-        return target
 
     def _claim_spare(self, size_mb: int) -> Path | None:
         """Take a ready copy of the pristine image (``rename`` makes the claim atomic across processes)."""
@@ -126,7 +133,7 @@ class WritableLayers:
         if path.is_file():
             return path
         self.pristine_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as f:
             f.truncate(size_mb * 1024 * 1024)
         # -m 0: no blocks reserved for root (sandbox root is not host root anyway); lazy init: the image
@@ -148,6 +155,8 @@ class WritableLayers:
             mounts.mount("tmpfs", target, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, f"size={size_mb}m,mode=0755")
             return
         if fresh:
+            if self.ready.take(size_mb, self.image(sandbox_id), target):
+                return
             image = self.create_image(sandbox_id, size_mb)
         else:
             image = self.image(sandbox_id)
@@ -156,6 +165,11 @@ class WritableLayers:
                                      sandbox_id)
         if loop_backing(image):  # two ext4 mounts of one image would corrupt it
             raise Conflict(f"the files of sandbox {sandbox_id} are still mounted (a lazy unmount has not finished)")
+        self.mount_image(image, target)
+
+    @staticmethod
+    def mount_image(image: Path, target: Path) -> None:
+        """Attach ``image`` to a loop device and mount its ext4 on ``target``."""
         fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
         try:
             device, dev_fd = attach_loop(fd)

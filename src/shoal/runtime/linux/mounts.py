@@ -18,6 +18,7 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MS_REMOUNT = 32
 MS_BIND = 4096
+MS_MOVE = 8192
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
@@ -37,6 +38,11 @@ def mount(source: str | os.PathLike, target: str | os.PathLike, fstype: str, fla
     if rc != 0:
         no = ctypes.get_errno()
         raise OSError(no, f"mount {fstype} on {target}: {os.strerror(no)}")
+
+
+def move(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the mount at ``source`` onto ``target`` (``MS_MOVE``: the mounts here are private)."""
+    mount(source, target, "", MS_MOVE)
 
 
 def mount_overlay(target: Path, lower: Path, upper: Path, work: Path, cwd: Path) -> None:

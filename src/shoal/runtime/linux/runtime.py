@@ -31,6 +31,7 @@ from shoal.runtime import agent_runtime
 from shoal.runtime.base import Capabilities, SandboxSpec
 from shoal.runtime.linux import budgets, cgroups, mounts, oci, oom, userns_pool
 from shoal.settings import Settings
+from shoal.storage import ready_layers
 from shoal.storage.layers import DiskUsage, WritableLayers
 
 INSTANCE_MARK = "instance"
@@ -57,6 +58,7 @@ class LinuxRuntime:
             os.chmod(d, 0o711)  # traversable by the sandbox uid while crun sets up, not listable
         self._runtime_dir: Path | None = None
         self.layers = WritableLayers(settings)
+        atexit.register(self.layers.ready.close)
 
     def _claim_run_dir(self) -> None:
         """Refuse a run directory that another instance uses: its bundles would look like our leaks."""
@@ -140,9 +142,7 @@ class LinuxRuntime:
                     raise RuntimeFailure(f"the writable layer of {spec.sandbox_id} has no {d}/ directory",
                                          "writable layer", spec.sandbox_id)
             return
-        for d in ("upper", "work", "upper/etc"):
-            (upper / d).mkdir()
-            os.chown(upper / d, base, base)
+        ready_layers.prepare(upper, base)  # done already if the layer was mounted ahead of time
         etc_lower = spec.lower_dir / "etc"
         if etc_lower.is_dir():  # keep /etc's own mode and owner in the merged view
             st = etc_lower.stat()
@@ -302,6 +302,7 @@ class LinuxRuntime:
 
         Reconcile starts here, so user namespace files that no sandbox holds and whose maker died go now."""
         self.userns_pool.sweep(self._userns_in_use())
+        self.layers.ready.sweep()
         prefix = self.settings.resource_prefix
         found = set(cgroups.existing(prefix))
         try:
