@@ -93,3 +93,15 @@ def test_cli_layer_and_filesystem_only(daemon: RunningDaemon, api: httpx.Client)
     assert api.get(f"/v1/sandboxes/{disk}").json()["pause_mode"] == "filesystem"
     assert shoal("resume", disk).returncode == 0
     assert api.get(f"/v1/sandboxes/{disk}").json()["state"] == "running"
+
+
+def test_exec_result_says_the_oom_killer_took_it(api: httpx.Client) -> None:
+    """Issue 10: the OOM victim is the command, the sandbox lives, and the command's result says why it died;
+    a SIGKILL from anyone else is not called an OOM."""
+    sid = _create(api, memory_mb=64)["id"]
+    hog = "x=0123456789; while :; do x=$x$x; done"
+    r = _exec(api, sid, hog)
+    assert r["signal"] == 9 and r["oom_killed"] is True, r
+    assert _exec(api, sid, "echo alive")["stdout"] == "alive\n"
+    killed = _exec(api, sid, "sh -c 'kill -9 $$'")
+    assert killed["signal"] == 9 and killed["oom_killed"] is False

@@ -187,7 +187,8 @@ def result_from_json(d: dict) -> CommandResult:
                          stderr_bytes=str(d.get("stderr") or "").encode(), signal=d.get("signal"),
                          timed_out=bool(d.get("timed_out")), pid=int(d.get("pid") or 0),
                          stdout_truncated=bool(d.get("stdout_truncated")),
-                         stderr_truncated=bool(d.get("stderr_truncated")))
+                         stderr_truncated=bool(d.get("stderr_truncated")),
+                         oom_killed=bool(d.get("oom_killed")))
 
 
 def ended_early() -> RuntimeFailure:

@@ -49,6 +49,8 @@ class CommandResult:
     #: The daemon kept only the start of the output (16 MiB per stream by default); stream to get it all.
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    #: The sandbox's memory limit was reached and the OOM killer took this command (``signal`` is 9).
+    oom_killed: bool = False
 
     @property
     def truncated(self) -> bool:

@@ -71,6 +71,8 @@ class ExecResult:
     pid: int = 0
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    #: SIGKILLed by the OOM killer (the sandbox's memory limit), as the host saw from its cgroup.
+    oom_killed: bool = False
 
     @property
     def truncated(self) -> bool:

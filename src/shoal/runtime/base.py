@@ -67,6 +67,10 @@ class Runtime(Protocol):
     def usage(self, sandbox_id: str) -> dict[str, int | None]:
         """Memory bytes, CPU microseconds, task count."""
 
+    def oom_kills(self, sandbox_id: str) -> int | None:
+        """The OOM killer's kills in the sandbox so far (None if unknown): an exec killed by SIGKILL while
+        this grew was an OOM victim, and its result says so."""
+
     def pause(self, sandbox_id: str) -> None:
         """Stop every process of the sandbox from running; memory is kept."""
 

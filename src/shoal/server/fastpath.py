@@ -61,12 +61,13 @@ class ExecFastPath:
         if req.stream or req.background or req.stdin_open:
             return await self._replay(scope, body, receive, send)
         started = time.perf_counter()
-        job = PlainExec()
+        job = None
         try:
             headers = _Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers)
             key = key_from_headers(headers, self.engine)
             sandbox_id = match.group(1)
             agent = self.gate.agent(sandbox_id, key)
+            job = PlainExec(lambda: self.engine.runtime.oom_kills(sandbox_id))
             stdin = req.stdin.encode() if req.stdin is not None else None
             result = await job.run(agent, _start_request(req), stdin, stdin is not None, receive)
             if result is None:  # the caller went away; its agent connection is closed already
@@ -77,7 +78,8 @@ class ExecFastPath:
             exc = self.gate.explain(match.group(1), exc)
             return await send_json(send, exc.status, exc.to_dict())
         finally:
-            job.release()
+            if job is not None:
+                job.release()
 
     async def _replay(self, scope, body: bytes, receive, send) -> None:  # noqa: ANN001
         """Hand the request on with the body we already read; later receives (disconnect

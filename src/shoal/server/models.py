@@ -141,6 +141,8 @@ class ExecResult(BaseModel):
     stdout_truncated: bool = Field(False, description="stdout is only the first SHOAL_EXEC_MAX_OUTPUT bytes "
                                                       "(16 MiB by default; less under load): stream to get it all.")
     stderr_truncated: bool = Field(False, description="The same for stderr.")
+    oom_killed: bool = Field(False, description="The OOM killer took the command (the sandbox's memory limit "
+                                                "was reached); the sandbox and its agent live on.")
 
 
 class Started(BaseModel):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import signal
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
@@ -43,9 +44,12 @@ SLICE = 256 * 1024
 class PlainExec:
     """One plain exec's kept output; ``release`` returns its bytes to the daemon-wide budget."""
 
-    def __init__(self) -> None:
+    def __init__(self, oom_kills: Callable[[], int | None] | None = None) -> None:
         cap = max_output()
         self.out, self.err = CappedOutput(cap, BUDGET), CappedOutput(cap, BUDGET)
+        #: the sandbox's OOM kill count, read before the command starts and again if it ends by SIGKILL
+        self._oom_kills = oom_kills
+        self._oom_before = oom_kills() if oom_kills else None
 
     async def run(self, agent: AsyncAgentClient, start: dict, stdin: bytes | None, close_stdin: bool,
                   receive: Receive) -> ExecResult | None:
@@ -66,7 +70,11 @@ class PlainExec:
     async def wait(self, stream: AsyncProcessStream, timeout: float | None) -> ExecResult:
         limit = None if timeout is None else float(timeout) + agent_aio.AGENT_TIMEOUT
         async with agent_aio.bounded(limit, stream.conn.sandbox_id, "end the command after its timeout"):
-            return await stream.wait(self.out, self.err)
+            result = await stream.wait(self.out, self.err)
+        if result.signal == signal.SIGKILL and self._oom_kills is not None and self._oom_before is not None:
+            after = self._oom_kills()
+            result.oom_killed = after is not None and after > self._oom_before
+        return result
 
     def release(self) -> None:
         self.out.release()
@@ -108,7 +116,7 @@ async def _disconnect(receive: Receive) -> None:
 def _head(result: ExecResult) -> dict:
     return {"pid": result.pid, "exit_code": result.exit_code, "signal": result.signal,
             "timed_out": result.timed_out, "stdout_truncated": result.stdout_truncated,
-            "stderr_truncated": result.stderr_truncated}
+            "stderr_truncated": result.stderr_truncated, "oom_killed": result.oom_killed}
 
 
 def _json_string_parts(data: bytes | bytearray) -> Iterator[bytes]:

@@ -85,6 +85,13 @@ def usage(name: str) -> dict[str, int | None]:
             "oom_kills": _read_key(memory / "memory.oom_control", "oom_kill")}
 
 
+def oom_kills(name: str) -> int | None:
+    """How many processes the OOM killer took in the sandbox so far (one file read: on every exec's path)."""
+    if mode() == "v2":
+        return _read_key(_controller_dir("", name) / "memory.events", "oom_kill")
+    return _read_key(_controller_dir("memory", name) / "memory.oom_control", "oom_kill")
+
+
 def _read_key(path: Path, key: str) -> int | None:
     """The value of ``key`` in a flat keyed file (``memory.events``, ``memory.oom_control``)."""
     try:

@@ -319,3 +319,6 @@ class LinuxRuntime:
 
     def usage(self, sandbox_id: str) -> dict[str, int | None]:
         return cgroups.usage(self.container(sandbox_id))
+
+    def oom_kills(self, sandbox_id: str) -> int | None:
+        return cgroups.oom_kills(self.container(sandbox_id))

@@ -44,6 +44,8 @@ async def _events(stream: AsyncProcessStream) -> AsyncIterator[dict]:
     "application/x-ndjson": {}, "text/event-stream": {}}, "description": "Result, or a stream of events."}})
 async def exec_command(body: ExecRequest, request: Request, agent: AsyncAgentClient = Depends(running_agent)):
     started = time.perf_counter()
+    runtime = request.app.state.engine.runtime
+    job = PlainExec(lambda: runtime.oom_kills(agent.sandbox_id))  # bounded output; counts OOM kills from here
     stream = await agent.start(_start_request(body))
     if body.stdin is not None:
         await stream.send_stdin(body.stdin.encode())
@@ -55,7 +57,6 @@ async def exec_command(body: ExecRequest, request: Request, agent: AsyncAgentCli
     media = wants_stream(request, body.stream)
     if media:
         return respond(_events(stream), media, on_close=stream.close)
-    job = PlainExec()  # bounded output, chunked encoding, gives up when the caller goes away
     try:
         result = await unless_disconnected(job.wait(stream, body.timeout), request.receive)
     except BaseException:
