@@ -188,7 +188,7 @@ def test_env_vars_apply_to_one_execution(interp: Interp, ci_sandbox: tuple[str, 
     assert main_text(lines) == "('it\\'s \"quoted\"', 'it\\'s \"quoted\"')"
     assert main_text(interp.execute(sid, "import os\nstr(os.environ.get('SHOAL_T'))")) == "None"
     assert main_text(interp.execute(sid, "os.environ.get('HOME')", env_vars={"HOME": "/x"})) == "/x"
-    assert main_text(interp.execute(sid, "os.environ.get('HOME')")) == "/home/user"  # restored
+    assert main_text(interp.execute(sid, "os.environ.get('HOME')")) == "/root"  # restored (kernels run as root)
 
 
 def test_contexts_keep_separate_state(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
@@ -218,12 +218,14 @@ def test_contexts_keep_separate_state(interp: Interp, ci_sandbox: tuple[str, Non
 def test_language_and_context_errors(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
     sid, _ = ci_sandbox
     assert main_text(interp.execute(sid, "z", language="python")) == "default"
-    r = interp.request(sid, "POST", "/execute", {"code": "1", "language": "r"})
-    assert r.status_code == 400 and "not supported" in r.text
+    r = interp.request(sid, "POST", "/execute", {"code": "1", "language": "cobol"})
+    assert r.status_code == 400 and "not supported" in r.text and "python, javascript" in r.text
     r = interp.request(sid, "POST", "/execute", {"code": "1", "language": "python", "context_id": "x"})
     assert r.status_code == 400
     assert interp.request(sid, "POST", "/execute", {"code": "1", "context_id": "nope"}).status_code == 404
-    assert interp.request(sid, "POST", "/contexts", {"cwd": "/does/not/exist"}).status_code == 400
+    for cwd in ("/does/not/exist", "relative/dir", 5, "/etc/hostname"):
+        r = interp.request(sid, "POST", "/contexts", {"cwd": cwd})
+        assert r.status_code == 400 and "cwd" in r.text, (cwd, r.status_code, r.text)
 
 
 def test_tokens_are_required(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
@@ -410,3 +412,186 @@ def test_sdk_async(e2b: None) -> None:
             await sbx.kill()
 
     asyncio.run(scenario())
+
+
+# --- E2B's template: root kernels, default contexts, charts and data, every language -----------------
+
+def _languages(sbx) -> list[str]:  # noqa: ANN001
+    return [c.language for c in sbx.list_code_contexts()]
+
+
+def test_sdk_fresh_sandbox_lists_the_default_python_and_javascript_contexts(e2b: None) -> None:
+    from e2b_code_interpreter import Sandbox
+
+    sbx = Sandbox.create(timeout=SANDBOX_TIMEOUT)
+    try:
+        assert _languages(sbx) == ["python", "javascript"]  # at once: the listing waits for them
+        ctx = sbx.create_code_context()
+        listed = sbx.list_code_contexts()
+        assert [c.language for c in listed[:2]] == ["python", "javascript"]
+        assert listed[-1].id == ctx.id and listed[-1].cwd == "/home/user"
+    finally:
+        sbx.kill()
+
+
+def test_sdk_lazily_made_default_lists_before_a_newer_context(sdk_sandbox) -> None:  # noqa: ANN001
+    """The default Java context is asked for first and starts slowly (a JVM); a Python context asked
+    for while it starts is up sooner, yet lists after it: contexts list in the order they were asked for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        java = pool.submit(sdk_sandbox.run_code, 'System.out.println("up")', language="java", timeout=120)
+        deadline = time.monotonic() + 60
+        while sdk_sandbox.commands.run("pgrep -f 'jjava[.]jar' || true", user="root").stdout.strip() == "":
+            assert time.monotonic() < deadline, "the Java kernel never started"
+            time.sleep(0.05)
+        newer = sdk_sandbox.create_code_context(language="python")
+        assert java.result().logs.stdout == ["up\n"]
+    ids = [c.id for c in sdk_sandbox.list_code_contexts()]
+    java_ids = [c.id for c in sdk_sandbox.list_code_contexts() if c.language == "java"]
+    assert java_ids and ids.index(java_ids[0]) < ids.index(newer.id) == len(ids) - 1
+
+
+def test_sdk_kernels_run_as_root_and_cwd_root_works(sdk_sandbox) -> None:  # noqa: ANN001
+    ctx = sdk_sandbox.create_code_context(language="python", cwd="/root")
+    assert ctx.cwd == "/root"
+    assert sdk_sandbox.run_code("import os\nos.getcwd(), os.getuid()", context=ctx).text == "('/root', 0)"
+    assert sdk_sandbox.list_code_contexts()[-1].id == ctx.id
+    # The default context still starts in /home/user, as E2B's does (and `!pwd` says so).
+    assert "".join(sdk_sandbox.run_code("!pwd").logs.stdout).strip() == "/home/user"
+    sdk_sandbox.remove_code_context(ctx)
+
+
+def test_sdk_bad_cwd_is_a_clear_400(sdk_sandbox) -> None:  # noqa: ANN001
+    from e2b import SandboxException
+
+    for cwd in ("/no/such/dir", "not/absolute"):
+        with pytest.raises(SandboxException, match="400.*cwd"):
+            sdk_sandbox.create_code_context(cwd=cwd)
+
+
+BAR_CHART = """
+import matplotlib.pyplot as plt
+plt.figure(figsize=(8, 5))
+plt.bar(['A', 'B', 'C'], [100, 200, 300], label='Sold')
+plt.title('Sales')
+plt.xlabel('Authors')
+plt.ylabel('Books')
+plt.show()
+"""
+
+
+def test_sdk_chart_is_extracted_by_e2b_charts(sdk_sandbox) -> None:  # noqa: ANN001
+    from e2b_code_interpreter.charts import BarChart, ChartType
+
+    execution = sdk_sandbox.run_code(BAR_CHART)
+    assert execution.error is None
+    [result] = execution.results
+    assert result.png and not result.extra
+    chart = result.chart
+    assert isinstance(chart, BarChart) and chart.type == ChartType.BAR
+    assert (chart.title, chart.x_label, chart.y_label) == ("Sales", "Authors", "Books")
+    assert [(b.label, b.value, b.group) for b in chart.elements] == [
+        ("A", 100, "Sold"), ("B", 200, "Sold"), ("C", 300, "Sold")]
+    assert "chart" in result.formats()
+
+
+def test_sdk_dataframe_has_data(sdk_sandbox) -> None:  # noqa: ANN001
+    execution = sdk_sandbox.run_code("import pandas as pd\n"
+                                     "pd.DataFrame({'a': [1, 2, 3], 't': pd.to_datetime(['2024-01-01'] * 3)})")
+    [result] = execution.results
+    assert result.data == {"a": [1, 2, 3], "t": ["2024-01-01T00:00:00"] * 3}
+    assert "<table" in result.html
+    # anything else gets no data field
+    assert sdk_sandbox.run_code("[1, 2]").results[0].data is None
+
+
+def test_sdk_javascript_context(sdk_sandbox) -> None:  # noqa: ANN001
+    assert sdk_sandbox.run_code("console.log('Hello, World!')", language="js").logs.stdout == ["Hello, World!\n"]
+    assert sdk_sandbox.run_code("import { readFileSync } from 'fs'\nconsole.log(typeof readFileSync)",
+                                language="javascript").logs.stdout == ["function\n"]
+    assert sdk_sandbox.run_code("await Promise.resolve('Hello World!')", language="js").text == "Hello World!"
+    sdk_sandbox.run_code("let kept = 20", language="js")
+    assert sdk_sandbox.run_code("kept * 2 + 2", language="js").text == "42"
+    assert sdk_sandbox.run_code("process.cwd()", language="js").text == "/home/user"
+    assert sdk_sandbox.run_code("process.env.FOO", language="js", envs={"FOO": "bar"}).text == "bar"
+    assert sdk_sandbox.run_code("process.env.FOO || 'default'", language="js").text == "default"
+    error = sdk_sandbox.run_code("null.x", language="js").error
+    assert error.name == "TypeError" and "null" in error.value and "node:" not in error.traceback
+    ctx = sdk_sandbox.create_code_context(language="js", cwd="/tmp")
+    assert (ctx.language, ctx.cwd) == ("javascript", "/tmp")
+    assert sdk_sandbox.run_code("typeof kept", context=ctx).text == "undefined"  # a context of its own
+
+
+def test_sdk_typescript_context(sdk_sandbox) -> None:  # noqa: ANN001
+    execution = sdk_sandbox.run_code("const message: string = 'Hello, World!'; console.log(message)", language="ts")
+    assert execution.logs.stdout == ["Hello, World!\n"]
+    assert sdk_sandbox.run_code("interface P { x: number }\nconst p: P = { x: 2 }\np.x * 21",
+                                language="typescript").text == "42"
+    assert sdk_sandbox.run_code("process.cwd()", language="ts").text == "/home/user"
+    assert sdk_sandbox.list_code_contexts()  # and the TypeScript default context lists as "typescript"
+    assert "typescript" in _languages(sdk_sandbox)
+
+
+def test_sdk_javascript_timeout_frees_the_context(sdk_sandbox) -> None:  # noqa: ANN001
+    from e2b import TimeoutException
+
+    with pytest.raises(TimeoutException):
+        sdk_sandbox.run_code("while (true) {}", language="js", timeout=2)
+    assert sdk_sandbox.run_code("'free again'", language="js", timeout=30).text == "free again"
+
+
+def test_sdk_bash_r_and_java_contexts(sdk_sandbox) -> None:  # noqa: ANN001
+    out = sdk_sandbox.run_code("echo $FOO; pwd", language="bash", envs={"FOO": "it's"}).logs.stdout
+    assert "".join(out) == "it's\n/home/user\n"
+    assert sdk_sandbox.run_code("echo ${FOO:-default}", language="bash").logs.stdout == ["default\n"]
+    assert sdk_sandbox.run_code('print("Hello, World!")', language="r").logs.stdout == ['[1] "Hello, World!"\n']
+    assert sdk_sandbox.run_code("Sys.getenv('FOO')", language="r", envs={"FOO": "bar"}).results[0].text == '[1] "bar"'
+    assert sdk_sandbox.run_code("Sys.getenv('FOO', unset = 'default')", language="r").results[0].text == \
+        '[1] "default"'
+    assert "".join(sdk_sandbox.run_code('System.out.println("Hello, World!")', language="java").logs.stdout) == \
+        "Hello, World!\n"
+    assert sdk_sandbox.run_code('System.getProperty("user.dir")', language="java").text == "/home/user"
+
+
+def test_unknown_language_lists_what_the_sandbox_runs(interp: Interp, ci_sandbox: tuple[str, None]) -> None:
+    sid, _ = ci_sandbox
+    r = interp.request(sid, "POST", "/contexts", {"language": "cobol"})
+    assert r.status_code == 400
+    assert "'cobol' is not supported. This sandbox runs: python, javascript, typescript, bash, r, java" in r.text
+
+
+def test_missing_language_names_the_packages_it_needs() -> None:
+    """A template without a language's runtime says which packages bring it (the server's own catalog,
+    given what such a template has: only the Python kernel, no node)."""
+    from shoal.inside.languages import Catalog, UnsupportedLanguage
+
+    catalog = Catalog(kernel_specs={"python3"}, node="")
+    assert catalog.available() == ["python"] and catalog.check("python") == "python"
+    for language, needs in (("r", "r-base-core and r-cran-irkernel"), ("java", "openjdk-17-jdk-headless"),
+                            ("java", "jjava"), ("javascript", "nodejs"), ("typescript", "node-typescript"),
+                            ("bash", "bash_kernel")):
+        with pytest.raises(UnsupportedLanguage, match=f"'{language}' is not available.*{needs}.*runs: python$"):
+            catalog.check(language)
+
+
+def test_sdk_run_code_on_a_sandbox_killed_mid_execution_raises(e2b: None) -> None:
+    """The relay aborts a response the sandbox cut short: the SDK then reports the sandbox killed,
+    never an empty, error-free Execution (which a cleanly ended response would read as)."""
+    import threading
+
+    from e2b import TimeoutException
+    from e2b_code_interpreter import Sandbox
+
+    sbx = Sandbox.create(timeout=SANDBOX_TIMEOUT)
+    running = threading.Event()
+    killer = threading.Thread(target=lambda: running.wait(120) and sbx.kill())
+    killer.start()
+    try:
+        with pytest.raises(TimeoutException, match="sandbox was killed while the request was in progress"):
+            sbx.run_code("import time\nprint('running', flush=True)\ntime.sleep(300)", timeout=300,
+                         on_stdout=lambda _m: running.set())
+    finally:
+        running.set()
+        killer.join()
+        sbx.kill()

@@ -343,7 +343,8 @@ def test_create_get_list_delete(api: Api):
     assert set(a) == {"id", "template", "state", "cpu", "memory_mb", "disk_mb", "created_at", "expires_at",
                       "metadata", "public_traffic", "public_ports", "traffic_access_token", "reason",
                       "address", "address6", "internet", "layer", "pause_mode", "started_at", "boot_id",
-                      "disk_used_bytes", "disk_total_bytes"}  # never env or the owning key
+                      "disk_used_bytes", "disk_total_bytes", "volumes", "standby_after",
+                      } | ({"name", "networks", "snapshot"} & set(a))  # never env or the owning key
     from datetime import datetime
     created = datetime.fromisoformat(a["created_at"].replace("Z", "+00:00")).timestamp()
     expires = datetime.fromisoformat(a["expires_at"].replace("Z", "+00:00")).timestamp()

@@ -37,7 +37,7 @@ def test_kernel_server_lives_inside_and_is_stdlib_plus_jupyter_client() -> None:
     from shoal.server.e2b import interpreter
     assert interpreter.server_source() == KERNEL_SERVER.read_bytes()
     assert not (ROOT / "src" / "shoal" / "server" / "e2b" / "kernel_server.py").exists()
-    allowed = set(sys.stdlib_module_names) | {"jupyter_client", "__future__"}
+    allowed = set(sys.stdlib_module_names) | {"jupyter_client", "__future__", "languages", "node_context"}
     for node in ast.walk(ast.parse(KERNEL_SERVER.read_text())):
         names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                  else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])

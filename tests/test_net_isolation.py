@@ -25,6 +25,8 @@ TEST_HOST6, HOST_SIDE6 = "2001:db8:51::10", "2001:db8:51::1"
 TEST_DNS = "198.51.100.53"
 METADATA = "169.254.169.254"
 ECHO_PORT = 8080
+#: What the test DNS server answers (name -> (A, AAAA)); other test modules add their names.
+DNS_NAMES = {"test-host.example": (TEST_HOST4, TEST_HOST6)}
 os.environ["SHOAL_DNS_UPSTREAM"] = TEST_DNS  # before any Engine of this run reads its network config
 os.environ.pop("SHOAL_INTERNET", None)
 
@@ -76,10 +78,10 @@ def _dns(sock: socket.socket) -> None:
         q = DNSRecord.parse(data)
         reply = q.reply()
         name = str(q.q.qname).rstrip(".")
-        if name == "test-host.example" and q.q.qtype == QTYPE.A:
-            reply.add_answer(RR(q.q.qname, QTYPE.A, rdata=A(TEST_HOST4), ttl=60))
-        elif name == "test-host.example" and q.q.qtype == QTYPE.AAAA:
-            reply.add_answer(RR(q.q.qname, QTYPE.AAAA, rdata=AAAA(TEST_HOST6), ttl=60))
+        if name in DNS_NAMES and q.q.qtype == QTYPE.A:
+            reply.add_answer(RR(q.q.qname, QTYPE.A, rdata=A(DNS_NAMES[name][0]), ttl=60))
+        elif name in DNS_NAMES and q.q.qtype == QTYPE.AAAA:
+            reply.add_answer(RR(q.q.qname, QTYPE.AAAA, rdata=AAAA(DNS_NAMES[name][1]), ttl=60))
         sock.sendto(reply.pack(), peer)
 
 

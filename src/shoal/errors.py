@@ -91,6 +91,14 @@ class QuotaExceeded(ShoalError):
     code = "quota_exceeded"
 
 
+class NotSupported(ShoalError):
+    """A well-formed request for something this server does not do (e.g. HTTPS header rules, which
+    need TLS interception); retrying will not help."""
+
+    status = 501
+    code = "not_supported"
+
+
 class CapacityExceeded(ShoalError):
     """The host (or a key's quota) has no room right now; retrying later may work."""
 

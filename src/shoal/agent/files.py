@@ -67,8 +67,17 @@ def _name_of(kind: str, ident: int) -> str:
     return table.get(ident, str(ident))
 
 
+#: File metadata lives in user xattrs under this prefix (as E2B's envd keeps it); the bounds hold both
+#: for what clients set and for what is reported (sandbox code may set any xattr it likes).
+META_PREFIX = "user.e2b."
+META_MAX_KEYS, META_MAX_KEY, META_MAX_VALUE = 64, 200, 4096
+
+
 def entry(path: str, s: os.stat_result | None = None) -> dict:
-    """Everything a client wants to know about one path (never following a final symlink)."""
+    """Everything a client wants to know about one path (never following a final symlink).
+
+    A symlink also gets ``target``: the type of what it points to and its absolute path, resolved here,
+    inside the sandbox (E2B reports those); the entry itself stays the link's."""
     s = s or os.lstat(path)
     info = {
         "name": os.path.basename(path) or "/", "path": path, "type": _type_name(s.st_mode),
@@ -81,7 +90,58 @@ def entry(path: str, s: os.stat_result | None = None) -> dict:
             info["symlink_target"] = os.readlink(path)
         except OSError:
             info["symlink_target"] = None
+        try:
+            info["target"] = {"type": _type_name(os.stat(path).st_mode), "path": os.path.realpath(path)}
+        except (OSError, ValueError):
+            pass  # dangling or a loop: no target to describe
+    else:
+        meta = read_metadata(path)
+        if meta:
+            info["metadata"] = meta
     return info
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The ``user.e2b.*`` xattrs of ``path`` (prefix stripped), within the bounds; unreadable ones are skipped."""
+    out: dict[str, str] = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return out
+    for name in names:
+        if not name.startswith(META_PREFIX) or len(out) >= META_MAX_KEYS:
+            continue
+        key = name[len(META_PREFIX):]
+        try:
+            value = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            continue
+        if key and len(key) <= META_MAX_KEY and len(value) <= META_MAX_VALUE:
+            out[key] = value.decode("utf-8", "replace")
+    return out
+
+
+def metadata_of(req: dict) -> dict[str, str] | None:
+    """The request's ``metadata`` checked (the host checks it too): string keys and values within the bounds."""
+    meta = req.get("metadata")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or len(meta) > META_MAX_KEYS:
+        raise ValueError(f"metadata must map at most {META_MAX_KEYS} keys to strings")
+    for k, v in meta.items():
+        if not (isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= META_MAX_KEY
+                and len(v.encode()) <= META_MAX_VALUE and "\0" not in k):
+            raise ValueError("invalid metadata key or value")
+    return meta
+
+
+def write_metadata(fd: int, meta: dict[str, str]) -> None:
+    """Replace the ``user.e2b.*`` xattrs of the open file ``fd`` with ``meta`` (the caller's identity applies)."""
+    for name in os.listxattr(fd):
+        if name.startswith(META_PREFIX):
+            os.removexattr(fd, name)
+    for k, v in meta.items():
+        os.setxattr(fd, META_PREFIX + k, v.encode())
 
 
 class Identity:
@@ -336,6 +396,7 @@ def _write(sock, reader: p.FrameReader, req: dict, user: users.User) -> None:  #
     path = str(req.get("path"))
     try:
         path = resolve(req.get("path"), user)
+        meta = metadata_of(req)
         append = bool(req.get("append"))
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
@@ -360,6 +421,8 @@ def _write(sock, reader: p.FrameReader, req: dict, user: users.User) -> None:  #
             except OSError as exc:  # name the file the caller asked for, not our temp file
                 tmp = None
                 raise OSError(exc.errno, exc.strerror, path) from exc
+        if meta:  # on the new file before it is in place: a reader never sees it without its metadata
+            write_metadata(fd, meta)
     except (ValueError, LookupError) as exc:
         reply = p.error_reply("invalid_argument", str(exc))
     except OSError as exc:

@@ -44,6 +44,7 @@ _OPS = {
     "file.remove": ("shoal.agent.files", "remove"),
     "file.watch": ("shoal.agent.watch", "watch"),
     "port.connect": ("shoal.agent.ports", "connect"),
+    "port.list": ("shoal.agent.ports", "listening"),
 }
 _import_lock = _thread.allocate_lock()
 #: Modules whose import has completed. ``sys.modules`` alone is not enough: a module is there as

@@ -83,10 +83,13 @@ class Inotify:
                     self.temp_cookies.add(cookie)
                 continue
             if mask & IN_MOVED_TO and cookie in self.temp_cookies:
-                self.temp_cookies.discard(cookie)  # an upload completed: a write, as clients expect
-                mask = (mask & ~IN_MOVED_TO) | IN_CREATE
-                out.append((os.path.join(base, name), mask, name))
-                mask = (mask & ~IN_CREATE) | IN_MODIFY
+                # An upload completed. Clients expect what envd's own write makes: create (open with
+                # O_CREAT), chmod (its chown of the new file), write (the bytes); E2B's SDK tests count 3.
+                self.temp_cookies.discard(cookie)
+                full, plain = os.path.join(base, name), mask & ~IN_MOVED_TO
+                out.append((full, plain | IN_CREATE, name))
+                out.append((full, plain | IN_ATTRIB, name))
+                mask = plain | IN_MODIFY
             out.append((os.path.join(base, name) if name else base, mask, name))
         return out
 

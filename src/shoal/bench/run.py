@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shoal.bench.network import network_report, run_network_benchmarks
+from shoal.bench.standby import report as standby_report
+from shoal.bench.standby import run_standby_benchmarks
 from shoal.bench.storage import report as storage_report
 from shoal.bench.storage import run_storage_benchmarks
 from shoal.engine import Engine
@@ -125,7 +127,10 @@ def run_benchmarks(engine: Engine, iterations: int = 30, template: str = "minima
         engine.destroy(rec.id)
 
     results["storage"] = run_storage_benchmarks(engine, template, iterations, _time, _percentiles)
+    from shoal.bench.snapshots import run_snapshot_benchmarks  # snapshots and fork (issue 10)
+    results["snapshots"] = run_snapshot_benchmarks(engine, template, iterations)
     results["network"] = run_network_benchmarks(engine, template, iterations, _percentiles)
+    results["standby"] = run_standby_benchmarks(engine, template, iterations)
 
     memory = results["idle_memory_mib"]
     idle = max(memory.get("cgroup_mib", 0.0), memory.get("agent_pss_mib", 0.0))
@@ -159,6 +164,11 @@ def report(results: dict) -> str:
     lines.append(f"{'idle_memory_mib':28} {results['idle_memory_mib']}   {_met(results['targets']['idle_memory_mib'])}")
     if "storage" in results:
         lines.append(storage_report(results["storage"]))
+    if "snapshots" in results:
+        from shoal.bench.snapshots import report as snapshots_report
+        lines.append(snapshots_report(results["snapshots"]))
     if "network" in results:
         lines.append(network_report(results["network"]))
+    if "standby" in results:
+        lines.append(standby_report(results["standby"]))
     return "\n".join(lines)

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -196,15 +197,34 @@ def create(template: str = typer.Option("minimal", "--template", "-t"),
                                      "or ram (tmpfs, counted as memory)."),
            env: list[str] = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable."),
            timeout: int = typer.Option(CREATE_TTL, help="Delete it after this many seconds (default 7 days)."),
-           metadata: list[str] = typer.Option(None, "--metadata", "-m", help="KEY=VALUE label, repeatable.")
+           metadata: list[str] = typer.Option(None, "--metadata", "-m", help="KEY=VALUE label, repeatable."),
+           network: list[str] = typer.Option(None, "--network", help="Private network to join, repeatable."),
+           name: str = typer.Option(None, "--name", help="Its DNS name in its private networks."),
+           snapshot: str = typer.Option(None, "--snapshot", help="Start from this snapshot's files (id or name; "
+                                        "its template is used)."),
+           no_internet: bool = typer.Option(False, "--no-internet", help="Reach nothing past the host."),
+           allow_out: list[str] = typer.Option(None, "--allow-out", help="CIDR, IP or domain (*.x ok), repeatable."),
+           deny_out: list[str] = typer.Option(None, "--deny-out", help="CIDR or IP (0.0.0.0/0: all), repeatable; "
+                                              "an allow beats a deny."),
+           volume: list[str] = typer.Option(None, "--volume", "-v", help="NAME:/path[:ro] (shoal volume create), "
+                                            "repeatable."),
+           standby_after: float = typer.Option(None, "--standby-after", help="Idle seconds before it freezes "
+                                               "itself (the next request wakes it); 0: never."),
            ) -> None:
     """Create a sandbox that stays until `shoal rm`; print its id alone on stdout."""
     env_vars, labels = _parse_env(env), _parse_env(metadata)
     try:
-        _ensure_template(template)
+        from shoal.cli.volumes import parse_mount
+        mounts = [parse_mount(v) for v in volume or []]
+        if snapshot is None:
+            _ensure_template(template)
         from shoal.client import Sandbox
         sb = Sandbox.create(template, cpu=cpu, memory_mb=memory, disk_mb=disk, env=env_vars, metadata=labels,
-                            timeout=timeout, layer=layer, **daemon().kwargs)
+                            timeout=timeout, layer=layer, networks=network or None, name=name, snapshot=snapshot,
+                            internet=False if no_internet else None,
+                            egress={"allow_out": allow_out or [], "deny_out": deny_out or []}
+                            if allow_out or deny_out else None, volumes=mounts or None,
+                            standby_after=standby_after, **daemon().kwargs)
         sb.close()
     except BaseException as exc:  # noqa: BLE001
         fail_on(exc)
@@ -383,13 +403,26 @@ def template_build(
                                                help="Allow plain HTTP (and unverified TLS) to the registry."),
         creds: str = typer.Option(None, "--creds", envvar="SHOAL_REGISTRY_CREDS", show_envvar=True,
                                   help="USER:PASSWORD for the registry (better through the environment)."),
+        context: Path = typer.Argument(None, help="Build context of -f (default: the Dockerfile's folder)."),
+        dockerfile: Path = typer.Option(None, "--file", "-f", help="Build from a Dockerfile (steps run in a sandbox)."),
+        start_cmd: str = typer.Option(None, "--start-cmd", help="Command every new sandbox starts ('dockerfile': "
+                                                                "its ENTRYPOINT + CMD)."),
+        ready: str = typer.Option(None, "--ready", help="When the start command is ready: port:N, url:N/path or "
+                                                        "a command that exits 0."),
+        build_arg: list[str] = typer.Option([], "--build-arg", help="ARG value for the Dockerfile: NAME=VALUE."),
 ) -> None:
     """Build a template image (cached: instant when up to date)."""
     try:
         from shoal.images import TemplateStore
         store = TemplateStore()
         with progress_display(f"building {name}") as progress:
-            if from_image is not None:
+            if dockerfile is not None:
+                from shoal.engine import Engine
+                from shoal.images.dockerfile import build_dockerfile
+                args = dict(a.split("=", 1) if "=" in a else (a, "") for a in build_arg)
+                info = build_dockerfile(Engine(), name, dockerfile, context, force=force, start_cmd=start_cmd,
+                                        ready=ready, build_args=args, progress=progress)
+            elif from_image is not None:
                 info = store.build_image(name, from_image, insecure=insecure_registry, credentials=creds,
                                          force=force, progress=progress)
             else:
@@ -532,6 +565,8 @@ def bench(as_json: bool = typer.Option(False, "--json", help="Print the JSON rep
             from shoal.bench.images import run_image_benchmarks
             from shoal.images import TemplateStore
             image_result = run_image_benchmarks(TemplateStore())
+            from shoal.bench.images import run_dockerfile_benchmark
+            image_result["dockerfile"] = run_dockerfile_benchmark(engine(reconcile=True))
         except BaseException as exc:  # noqa: BLE001
             fail_on(exc)
         typer.echo(json.dumps(image_result, indent=2) if as_json else images_report(image_result))
@@ -551,6 +586,19 @@ def bench(as_json: bool = typer.Option(False, "--json", help="Print the JSON rep
     typer.echo(report(result["engine"]))
     if api:
         typer.echo(api_bench.report(result["api"]))
+
+
+from shoal.cli import networks as _networks  # noqa: E402 - needs ``daemon`` above
+
+_networks.install(app, lambda: daemon().kwargs)
+
+from shoal.cli import snapshots as _snapshots  # noqa: E402 - needs ``daemon`` above
+
+_snapshots.install(app, lambda: daemon().kwargs)
+
+from shoal.cli import volumes as _volumes  # noqa: E402 - needs ``daemon`` above
+
+_volumes.install(app, lambda: daemon().kwargs)
 
 
 def main() -> None:

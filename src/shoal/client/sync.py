@@ -647,12 +647,32 @@ class Sandbox:
                timeout: int = 300, env: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
                *, url: str | None = None, api_key: str | None = None,
                transport: httpx.BaseTransport | None = None,
-               request_timeout: float | None = None, layer: str | None = None) -> Sandbox:
+               request_timeout: float | None = None, layer: str | None = None,
+               networks: Iterable[str] | None = None, name: str | None = None,
+               snapshot: str | None = None, internet: bool | None = None, egress: dict | None = None,
+               net_limits: dict | None = None, volumes: Iterable[dict] | None = None,
+               standby_after: float | None = None) -> Sandbox:
         """Create a running sandbox; it is deleted after ``timeout`` seconds (see ``set_timeout``).
-        ``layer``: ``disk`` (the daemon's default: files on the host's disk) or ``ram`` (tmpfs)."""
+        ``volumes``: ``[{"name", "path", "read_only"}]`` of this key's volumes (``create_volume``) to mount;
+        ``standby_after``: idle seconds before it freezes itself (the next request wakes it; 0: never).
+        ``layer``: ``disk`` (the daemon's default: files on the host's disk) or ``ram`` (tmpfs).
+        ``networks``: private networks to join (``create_network``), ``name`` its DNS name in them."""
         http = cls._client(url, api_key, transport, request_timeout)
         body = {"template": template, "cpu": cpu, "memory_mb": memory_mb, "disk_mb": disk_mb, "timeout": timeout,
                 "env": dict(env or {}), "metadata": dict(metadata or {}), **({"layer": layer} if layer else {})}
+        if networks:
+            body["networks"] = list(networks)
+        if name is not None:
+            body["name"] = name
+        if volumes:
+            body["volumes"] = [dict(v) for v in volumes]
+        if standby_after is not None:
+            body["standby_after"] = standby_after
+        if snapshot is not None:  # its files, on the template it was taken on (``template`` is ignored)
+            body["snapshot"] = snapshot
+        for key, value in (("internet", internet), ("egress", egress), ("net_limits", net_limits)):
+            if value is not None:  # internet=False: nothing past the host; egress/net_limits: docs/networking.md
+                body[key] = value
         try:
             # an unbuilt template is built first: that can take minutes
             info = SandboxInfo.from_json(http.json("POST", "/v1/sandboxes", json=body, timeout=STREAM_TIMEOUT))
@@ -705,6 +725,17 @@ class Sandbox:
             return False
 
     @_by_id
+    def update_network(self, allow_out: Iterable[str] | None = None, deny_out: Iterable[str] | None = None,
+                       rules: dict | None = None, internet: bool | None = None) -> dict:
+        """Replace its egress policy (all of it, as E2B's ``update_network``); returns the policy as applied."""
+        body: dict = {"allow_out": list(allow_out or []), "deny_out": list(deny_out or [])}
+        if rules is not None:
+            body["rules"] = rules
+        if internet is not None:
+            body["internet"] = internet
+        return self._http.json("PUT", f"/v1/sandboxes/{self.id}/egress", json=body)
+
+    @_by_id
     def set_timeout(self, timeout: int) -> SandboxInfo:
         """The sandbox is now deleted ``timeout`` seconds from now."""
         self._info = SandboxInfo.from_json(self._http.json("POST", f"/v1/sandboxes/{self.id}/timeout",
@@ -733,6 +764,133 @@ class Sandbox:
             return True
         except NotFound:
             return False
+
+    # --- snapshots and fork --------------------------------------------------------------------
+    @_by_id
+    def create_snapshot(self, name: str | None = None) -> dict:
+        """Its files frozen into a snapshot (``create(snapshot=...)`` starts sandboxes from it); memory is
+        not kept. Returns ``{"id", "name", "template", "parent", "source_sandbox", "created_at", "size_bytes"}``."""
+        return self._http.json("POST", f"/v1/sandboxes/{self.id}/snapshots",
+                               json={"name": name} if name else None, timeout=STREAM_TIMEOUT)
+
+    @classmethod
+    def list_snapshots(cls, sandbox_id: str | None = None, *, url: str | None = None,
+                       api_key: str | None = None,
+                       transport: httpx.BaseTransport | None = None) -> list[dict]:
+        """This key's snapshots (only those of ``sandbox_id``, if given)."""
+        http = cls._client(url, api_key, transport, None)
+        try:
+            return http.json("GET", "/v1/snapshots", params={"sandbox": sandbox_id} if sandbox_id else None)
+        finally:
+            http.close()
+
+    @classmethod
+    def delete_snapshot(cls, snapshot: str, *, url: str | None = None, api_key: str | None = None,
+                        transport: httpx.BaseTransport | None = None) -> bool:
+        """Delete a snapshot; False if there is none; ``Conflict`` while a sandbox uses it."""
+        http = cls._client(url, api_key, transport, None)
+        try:
+            http.send("DELETE", f"/v1/snapshots/{snapshot}")
+            return True
+        except NotFound:
+            return False
+        finally:
+            http.close()
+
+    def fork(self, count: int = 1, timeout: int | None = None) -> list[Sandbox]:
+        """``count`` new running sandboxes with this one's files (not its memory: their processes start
+        fresh); this one keeps running. A fork that failed is left out (``RuntimeFailure`` if all did)."""
+        body = {"count": count, **({"timeout": timeout} if timeout is not None else {})}
+        res = self._http.json("POST", f"/v1/sandboxes/{self.id}/fork", json=body, timeout=STREAM_TIMEOUT)
+        made = [Sandbox(f["sandbox"]["id"], _http=_Http(self._http.config),
+                        _info=SandboxInfo.from_json(f["sandbox"])) for f in res["forks"] if f.get("sandbox")]
+        if not made:
+            errors = [f["error"]["message"] for f in res["forks"] if f.get("error")]
+            raise RuntimeFailure(f"no fork could start: {errors[0] if errors else 'unknown reason'}")
+        return made
+
+    # --- private networks and ports ------------------------------------------------------------
+    @classmethod
+    def create_network(cls, name: str, *, url: str | None = None, api_key: str | None = None,
+                       transport: httpx.BaseTransport | None = None) -> dict:
+        """A private network of this key (``create(networks=[name])`` joins it); ``Conflict`` if it exists."""
+        http = cls._client(url, api_key, transport, None)
+        try:
+            return http.json("POST", "/v1/networks", json={"name": name})
+        finally:
+            http.close()
+
+    @classmethod
+    def list_networks(cls, *, url: str | None = None, api_key: str | None = None,
+                      transport: httpx.BaseTransport | None = None) -> list[dict]:
+        """This key's private networks, each with its ``members``."""
+        http = cls._client(url, api_key, transport, None)
+        try:
+            return http.json("GET", "/v1/networks")
+        finally:
+            http.close()
+
+    @classmethod
+    def delete_network(cls, name: str, *, url: str | None = None, api_key: str | None = None,
+                       transport: httpx.BaseTransport | None = None) -> None:
+        """Remove a private network; ``Conflict`` while it has members."""
+        http = cls._client(url, api_key, transport, None)
+        try:
+            http.send("DELETE", f"/v1/networks/{name}")
+        finally:
+            http.close()
+
+    # --- volumes ---------------------------------------------------------------------------------
+    @classmethod
+    def create_volume(cls, name: str, size_mb: int = 1024, *, url: str | None = None,
+                      api_key: str | None = None, transport: httpx.BaseTransport | None = None) -> dict:
+        """A named volume of this key (``create(volumes=[{"name", "path"}])`` mounts it); ``Conflict`` if it
+        exists. ``size_mb`` is enforced by the kernel (a full volume is ENOSPC)."""
+        http = cls._client(url, api_key, transport, None)
+        try:
+            return http.json("POST", "/v1/volumes", json={"name": name, "size_mb": size_mb})
+        finally:
+            http.close()
+
+    @classmethod
+    def list_volumes(cls, *, url: str | None = None, api_key: str | None = None,
+                     transport: httpx.BaseTransport | None = None) -> list[dict]:
+        """This key's volumes, each with the ``sandboxes`` that mount it."""
+        http = cls._client(url, api_key, transport, None)
+        try:
+            return http.json("GET", "/v1/volumes")
+        finally:
+            http.close()
+
+    @classmethod
+    def delete_volume(cls, name: str, *, url: str | None = None, api_key: str | None = None,
+                      transport: httpx.BaseTransport | None = None) -> None:
+        """Remove a volume and its files; ``Conflict`` while any sandbox mounts it."""
+        http = cls._client(url, api_key, transport, None)
+        try:
+            http.send("DELETE", f"/v1/volumes/{name}")
+        finally:
+            http.close()
+
+    @_by_id
+    def ports(self) -> list[dict]:
+        """TCP ports something listens on inside the sandbox: ``{"port", "address", "family"}``."""
+        return self._http.json("GET", f"/v1/sandboxes/{self.id}/ports")
+
+    @_by_id
+    def expose(self, port: int, host_port: int | None = None, bind: str = "127.0.0.1") -> dict:
+        """Serve the sandbox's ``port`` on ``bind:host_port`` of the daemon's host (default: a free port on
+        loopback); returns ``{"sandbox_id", "port", "host_port", "bind"}``. ``Conflict`` if the port is taken."""
+        body = {"port": port, "bind": bind, **({"host_port": host_port} if host_port is not None else {})}
+        return self._http.json("POST", f"/v1/sandboxes/{self.id}/exposed-ports", json=body)
+
+    @_by_id
+    def exposed_ports(self) -> list[dict]:
+        return self._http.json("GET", f"/v1/sandboxes/{self.id}/exposed-ports")
+
+    @_by_id
+    def unexpose(self, port: int) -> None:
+        self._http.send("DELETE", f"/v1/sandboxes/{self.id}/exposed-ports/{int(port)}")
 
     def close(self) -> None:
         """Close the HTTP client (the sandbox keeps running)."""

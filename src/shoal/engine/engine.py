@@ -28,8 +28,13 @@ from shoal.engine.models import (
     new_sandbox_id,
     valid_sandbox_id,
 )
+from shoal.engine.networks import NetworkRegistry, network_id
+from shoal.engine.snapshots import Snapshots
+from shoal.engine.standby import check_standby_after, wakes_on_traffic
 from shoal.engine.store import Store
+from shoal.engine.template_access import check_usable
 from shoal.engine.text import check_text
+from shoal.engine.volumes import Volumes
 from shoal.errors import (
     Conflict,
     InvalidRequest,
@@ -42,12 +47,15 @@ from shoal.errors import (
 )
 from shoal.host_processes import process_start_time
 from shoal.images import TemplateStore
+from shoal.images.start_cmd import start_template_process
 from shoal.locks import file_lock
 from shoal.net import Lease, NetConfig, Network
+from shoal.net.policy import egress_rules
 from shoal.runtime.agent_client import AgentClient, ExecResult
 from shoal.runtime.base import Runtime, SandboxSpec
 from shoal.settings import Settings
 from shoal.storage.layers import DEFAULT_KIND, KINDS, DiskUsage
+from shoal.storage.mount_points import symlink_on_path
 
 Progress = Callable[[str, float | None], None]
 #: ``listener(event)``: event is a dict with ``type`` (a ``SandboxEvent`` value), ``time`` and ``sandbox``
@@ -84,6 +92,12 @@ class Engine:
         self.network = Network.for_settings(self.settings, net_config) if net_config.enabled else None
         self.store = Store(self.settings.db_path)
         self.keys = KeyStore(self.settings.db_path)
+        #: Snapshots of sandboxes' files and the layer stacks made from them (``engine/snapshots.py``).
+        self.snapshots = Snapshots(self)
+        #: Named volumes (``engine/volumes.py``): per key, mounted once on the host, bound into sandboxes.
+        self.volumes = Volumes(self.settings, self.store)
+        #: Private networks per API key (``engine/networks.py``); membership is fixed at create.
+        self.private_networks = NetworkRegistry(self.settings.db_path)
         self._listeners: list[Listener] = []
         self._admission = threading.Lock()
         self.capacity = HostCapacity.of_this_host()
@@ -111,7 +125,11 @@ class Engine:
                env: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
                owner_pid: int | None = None, build: bool = True, progress: Progress | None = None,
                wait: bool = False, timeout: float | None = None, api_key: ApiKey | None = None,
-               layer: str = DEFAULT_KIND, internet: bool | None = None, network: bool = True) -> SandboxRecord:
+               layer: str = DEFAULT_KIND, internet: bool | None = None, network: bool = True,
+               networks: list[str] | None = None, name: str | None = None, volumes: list | None = None,
+               standby_after: float | None = None, start: bool = True,
+               snapshot: str | None = None, egress: dict | None = None,
+               net_limits: dict | None = None) -> SandboxRecord:
         """Create a running sandbox from ``template``.
 
         ``owner_pid`` makes it ephemeral: reconcile deletes it once that process is gone.
@@ -122,11 +140,16 @@ class Engine:
         restart, and a full layer is ENOSPC) or ``ram`` (tmpfs: faster, counted as the sandbox's memory).
         ``internet``: False keeps it from reaching past the host (None: the daemon's ``SHOAL_INTERNET``);
         ``network``: False gives it only loopback (``shoal bench`` compares the two).
+        ``networks``: private networks (of ``api_key``) it joins, ``name`` its DNS name in them.
+        ``volumes``: ``[{name, path, read_only}]`` of ``api_key``'s volumes to mount; ``standby_after``: idle
+        seconds before standby (``engine/standby.py``; None: the daemon's default, 0: never).
+        ``egress``: its egress policy, ``net_limits``: bandwidth and connection cap (shoal.net.policy).
         """
+        net_rules = egress_rules(egress, net_limits, internet)  # validated before anything is made
         if layer not in KINDS:
             raise InvalidRequest(f"layer must be one of {', '.join(KINDS)}, not {layer!r}")
-        for name, value in (("cpu", cpu), ("memory_mb", memory_mb), ("disk_mb", disk_mb)):
-            LIMITS.check(name, value)
+        for limit, value in (("cpu", cpu), ("memory_mb", memory_mb), ("disk_mb", disk_mb)):
+            LIMITS.check(limit, value)
         if timeout is not None:
             LIMITS.timeout.check(timeout)
         for label, table in (("env", env or {}), ("metadata", metadata or {})):
@@ -135,30 +158,55 @@ class Engine:
                 check_text(v, f"{label}[{k!r}]")
                 if label == "env" and (not k or "=" in k):
                     raise InvalidRequest(f"invalid environment variable {k!r}")
+        snap = self.snapshots.get(snapshot, api_key, internal=True) if snapshot is not None else None
+        if snap is not None:  # the snapshot's files on the template it was taken on (engine/snapshots.py)
+            template = snap.template
         info = self.templates.get(template)  # NotFound for unknown names
+        check_usable(self.templates._read_meta(template), template, api_key)  # another key's: NotFound
         if not info.built:
             if not build:
                 raise NotFound(f"template '{template}' is not built; run: shoal template build {template}")
             self.templates.build(template, progress=progress)
         lower = self.templates.mount(template)
+        if snap is not None:
+            self.snapshots.check_template(snap)
+        snap_layers = self.snapshots.lowers(snap.id) if snap is not None else ()
         with self._admission:  # quota check and record insert as one step, or parallel creates overrun it
             self.capacity.admit(self.store.all(), float(cpu), int(memory_mb))
             if api_key is not None:
                 self._check_quota(api_key, int(memory_mb))
             rec = self._new_record(template, cpu, memory_mb, disk_mb, env, metadata, owner_pid, timeout, api_key)
             rec.layer = layer
-            self.store.put(rec)
+            rec.snapshot = snap.id if snap is not None else None
+            if networks or name is not None:
+                if self.network is None or not network:
+                    raise InvalidRequest("private networks need sandbox networking (SHOAL_NET is off)")
+                self.private_networks.check_join(rec.api_key, list(networks or []), name, self.store.all())
+                rec.networks, rec.name = list(dict.fromkeys(networks or [])), name
+            rec.standby_after = check_standby_after(standby_after)
+            with self.volumes.lock() if volumes else contextlib.nullcontext():  # rm reads records under it
+                rec.volumes = self.volumes.resolve(volumes, api_key)
+                for m in rec.volumes:  # a symlink a build or a snapshot left there: crun would follow it
+                    if (link := symlink_on_path((*snap_layers, lower), m["path"])) is not None:
+                        raise InvalidRequest(f"volume mount path {m['path']}: {link} is a symlink in the "
+                                             "sandbox's template or snapshot")
+                self.store.put(rec)
         try:
             lease = None
+            volume_mounts = self.volumes.attach(rec)
             if self.network is not None and network:
-                lease = self.network.claim(rec.id, internet=internet is not False, lower_dir=lower)
+                lease = self.network.claim(rec.id, internet=internet is not False, lower_dir=lower,
+                                           **self._private_nets(rec), **net_rules)
                 rec.address, rec.address6, rec.internet = lease.ipv4, lease.ipv6, lease.internet
             self.runtime.create(SandboxSpec(rec.id, template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
                                             env={**(lease.env if lease else {}), **rec.env}, layer=rec.layer,
+                                            volumes=volume_mounts, lower_layers=snap_layers,
                                             **self._net_spec(rec.id, lease)))
         except BaseException:
             self._release_net(rec.id)
             self.store.delete(rec.id)
+            if rec.volumes:
+                self.volumes.release()
             raise
         rec.state = SandboxState.RUNNING
         if owner_pid is None:  # persistent: nobody owns it once it runs
@@ -169,7 +217,15 @@ class Engine:
         self._emit(SandboxEvent.CREATED, rec)
         if wait:
             self.agent(rec.id).wait_ready()
+        if start:  # the template's start command (images/start_cmd.py); not ready in time → removed
+            start_template_process(self, rec.id, self.templates._read_meta(template))
         return rec
+
+    def delete_network(self, name: str, api_key: ApiKey | None = None) -> None:
+        """Remove a private network of ``api_key``; 409 while it has members. Under the admission lock, so
+        no create joins it between the check and the removal."""
+        with self._admission:
+            self.private_networks.delete(api_key.id if api_key else None, name, self.store.all())
 
     def _new_record(self, template: str, cpu: float, memory_mb: int, disk_mb: int, env: dict[str, str] | None,
                     metadata: dict[str, str] | None, owner_pid: int | None, timeout: float | None,
@@ -224,24 +280,29 @@ class Engine:
         return rec
 
     def pause(self, sandbox_id: str, api_key: ApiKey | None = None,
-              mode: PauseMode | str = PauseMode.MEMORY) -> SandboxRecord:
+              mode: PauseMode | str = PauseMode.MEMORY, reason: str | None = None) -> SandboxRecord:
         """RUNNING → PAUSED. ``memory``: every process is frozen; memory and files stay.
         ``filesystem`` (also from a memory pause): every process is stopped and its memory freed; the
-        files stay on the host's disk (``disk`` layer only) and ``resume`` starts the sandbox from them."""
+        files stay on the host's disk (``disk`` layer only) and ``resume`` starts the sandbox from them.
+        ``reason``: why (``engine/standby.py``'s reasons let traffic wake it; a user's pause has none)."""
         try:
             mode = PauseMode(mode)
         except ValueError as exc:
             raise InvalidRequest(f"pause mode must be memory or filesystem, not {mode!r}") from exc
         with self._transition(sandbox_id):
             rec = self.get(sandbox_id, api_key)
-            if mode is PauseMode.MEMORY:
+            if mode is PauseMode.MEMORY and wakes_on_traffic(rec) and rec.pause_mode == mode.value and not reason:
+                rec.reason = None  # the user pauses a sandbox in standby: now only the user resumes it
+                self.store.put(rec)
+            elif mode is PauseMode.MEMORY:
                 if rec.state is not SandboxState.RUNNING:
                     raise InvalidTransition(rec.state.value, "pause", sandbox_id)
                 self.runtime.pause(sandbox_id)
-                rec.pause_mode = PauseMode.MEMORY.value
+                rec.pause_mode, rec.reason = PauseMode.MEMORY.value, reason
                 self._move(rec, SandboxState.PAUSED)
                 self.store.put(rec)
             else:
+                rec.reason = reason
                 self._pause_to_filesystem(rec)
         self._emit(SandboxEvent.PAUSED, rec)
         return rec
@@ -264,6 +325,8 @@ class Engine:
         except OSError as exc:
             raise RuntimeFailure(f"{from_errno(exc, f'stopping sandbox {rec.id}').message} (its files are kept; "
                                  "resume or the next reconcile finishes the stop)", "pause", rec.id) from exc
+        if rec.volumes:
+            self.volumes.release()
 
     def resume(self, sandbox_id: str, api_key: ApiKey | None = None) -> SandboxRecord:
         """PAUSED → RUNNING: thawed (memory pause), or started again from its files (filesystem pause:
@@ -295,15 +358,20 @@ class Engine:
         claimed = False
         if not net and self.network is not None and rec.address is not None:
             # Its slot is gone (a host reboot emptied the run directory): a new one, maybe new addresses.
-            lease = self.network.claim(rec.id, internet=rec.internet is not False, lower_dir=lower)
+            lease = self.network.claim(rec.id, internet=rec.internet is not False, lower_dir=lower,
+                                       **self._private_nets(rec))
             rec.address, rec.address6, claimed = lease.ipv4, lease.ipv6, True
             net = self._net_spec(rec.id, lease)
         try:
             self.runtime.create(SandboxSpec(rec.id, rec.template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
-                                            env=rec.env, layer=rec.layer, keep_files=True, **net))
+                                            env=rec.env, layer=rec.layer, keep_files=True,
+                                            volumes=self.volumes.attach(rec), **net,
+                                            lower_layers=self.snapshots.lowers(rec.snapshot) if rec.snapshot else ()))
         except BaseException:
             if claimed:
                 self._release_net(rec.id)
+            if rec.volumes:
+                self.volumes.release()
             raise
         rec.started_at, rec.boot_id = time.time(), str(uuid.uuid4())
         self._oom_seen[rec.id] = 0
@@ -361,7 +429,11 @@ class Engine:
         finally:
             self._release_net(sandbox_id)
             self.store.delete(sandbox_id)
+            self._forget_net(sandbox_id)
             self._oom_seen.pop(sandbox_id, None)
+            if rec.volumes:
+                self.volumes.release()
+            self.snapshots.collect(rec.snapshot)  # a fork's snapshot goes with its last sandbox
             rec.state = SandboxState.DELETED
             self._emit(SandboxEvent.DELETED, rec)
 
@@ -425,8 +497,7 @@ class Engine:
     def _move(self, rec: SandboxRecord, to: SandboxState) -> None:
         if to not in TRANSITIONS[rec.state] and rec.state is not to:
             raise InvalidTransition(rec.state.value, f"move to {to.value}", rec.id)
-        rec.state = to
-        self.store.set_state(rec.id, to)
+        rec.state = to  # written by the caller's ``store.put`` right after (one write on the wake path)
 
     # --- recovery --------------------------------------------------------------------------
     def _reconcile_lock(self) -> contextlib.AbstractContextManager[bool]:
@@ -476,6 +547,8 @@ class Engine:
                 cleaned.append(sid)
             if self.network is not None:  # orphaned slots freed, the rules of the rest restored
                 self.network.reconcile(lambda: {rec.id for rec in self.store.all()})  # read after the slots
+            self.volumes.reconcile()  # orphaned images and mounts go, live sandboxes' volumes are mounted
+            self.snapshots.reconcile()  # no sandbox left frozen, no half or unused snapshot kept
         return cleaned
 
     def _finish_stop(self, rec: SandboxRecord) -> None:
@@ -483,6 +556,8 @@ class Engine:
             self.runtime.destroy(rec.id, keep_files=True)
         except (ShoalError, OSError):
             pass  # the next reconcile, or resume, tries again; the files stay either way
+        if rec.volumes:
+            self.volumes.release()
 
     def _paused_by_host(self, rec: SandboxRecord) -> None:
         self._finish_stop(rec)
@@ -497,6 +572,8 @@ class Engine:
         except (ShoalError, OSError):
             pass  # left for the next reconcile; one stubborn sandbox must not stop the others
         self.store.delete(sandbox_id)
+        self._forget_net(sandbox_id)
+        self.volumes.release()
 
     # --- network (shoal.net) ---------------------------------------------------------------
     def _net_spec(self, sandbox_id: str, lease: Lease | None = None) -> dict:
@@ -509,6 +586,31 @@ class Engine:
             return {}
         return {"netns": str(lease.netns), "sysfs": str(lease.sysfs), "etc_files": lease.etc_files}
 
+    @staticmethod
+    def _private_nets(rec: SandboxRecord) -> dict:
+        """``Network.claim``'s private-network arguments for ``rec`` (its networks' kernel ids)."""
+        if not rec.networks:
+            return {}
+        return {"networks": tuple(network_id(rec.api_key, n) for n in rec.networks), "name": rec.name}
+
     def _release_net(self, sandbox_id: str) -> None:
         if self.network is not None:
             self.network.release(sandbox_id)
+
+    def _forget_net(self, sandbox_id: str) -> None:
+        """A deleted sandbox's stored egress policy goes (a resume failure's release keeps it)."""
+        if self.network is not None:
+            self.network.egress.files.drop(sandbox_id)
+
+    def update_network(self, sandbox_id: str, egress: dict | None, internet: bool | None = None,
+                       api_key: ApiKey | None = None) -> dict:
+        """Replace a running or paused sandbox's egress policy (shoal.net.policy) in one nft batch; the
+        policy as stored comes back. ``internet: false`` adds a deny of all traffic (allows still win)."""
+        from shoal.net.policy import EgressPolicy
+
+        rec = self.get(sandbox_id, api_key)
+        policy = EgressPolicy.parse(egress, internet=internet is not False)
+        if self.network is None or rec.address is None:
+            raise InvalidRequest(f"sandbox {sandbox_id} has no network interface")
+        self.network.egress.update(sandbox_id, policy)
+        return policy.to_dict()

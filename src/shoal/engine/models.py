@@ -103,6 +103,17 @@ class SandboxRecord:
     address: str | None = None
     address6: str | None = None
     internet: bool | None = None
+    #: Private networks it joined at create (names, of its API key's networks) and its DNS name in them
+    #: (``engine/networks.py``).
+    networks: list[str] = field(default_factory=list)
+    name: str | None = None
+    #: Volumes it mounts (``engine/volumes.py``): ``[{id, name, path, read_only}]``, fixed at create.
+    volumes: list[dict] = field(default_factory=list)
+    #: Seconds without traffic before it goes to standby by itself (``engine/standby.py``); None: the
+    #: daemon's ``SHOAL_STANDBY_AFTER``; 0: never.
+    standby_after: float | None = None
+    #: The snapshot its files start from (``engine/snapshots.py``); None: its template alone.
+    snapshot: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)

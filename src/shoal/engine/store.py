@@ -40,10 +40,13 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 """
 _COLUMNS = ("id", "template", "state", "cpu", "memory_mb", "disk_mb", "created_at", "runtime", "env",
             "metadata", "owner_pid", "owner_start", "expires_at", "api_key", "reason", "layer", "pause_mode",
-            "started_at", "boot_id", "address", "address6", "internet")
+            "started_at", "boot_id", "address", "address6", "internet", "networks", "name",
+            "volumes", "standby_after", "snapshot")
 #: Columns added after the first release: (name, SQL type), added to older databases on open.
 _ADDED_COLUMNS = (("reason", "TEXT"), ("layer", "TEXT"), ("pause_mode", "TEXT"), ("started_at", "REAL"),
-                  ("boot_id", "TEXT"), ("address", "TEXT"), ("address6", "TEXT"), ("internet", "INTEGER"))
+                  ("boot_id", "TEXT"), ("address", "TEXT"), ("address6", "TEXT"), ("internet", "INTEGER"),
+                  ("networks", "TEXT"), ("name", "TEXT"),
+                  ("volumes", "TEXT"), ("standby_after", "REAL"), ("snapshot", "TEXT"))
 
 
 def connect_private(path: Path) -> sqlite3.Connection:
@@ -88,6 +91,8 @@ class Store:
         d["metadata"] = json.loads(d["metadata"])
         d["layer"] = d["layer"] or "ram"  # records from before the disk layer lived on a tmpfs
         d["internet"] = None if d["internet"] is None else bool(d["internet"])
+        d["networks"] = json.loads(d["networks"]) if d.get("networks") else []
+        d["volumes"] = json.loads(d["volumes"]) if d.get("volumes") else []
         return SandboxRecord(**d)
 
     def put(self, rec: SandboxRecord) -> None:
@@ -95,6 +100,8 @@ class Store:
         values[_COLUMNS.index("state")] = rec.state.value
         values[_COLUMNS.index("env")] = json.dumps(rec.env)
         values[_COLUMNS.index("metadata")] = json.dumps(rec.metadata)
+        values[_COLUMNS.index("networks")] = json.dumps(rec.networks) if rec.networks else None
+        values[_COLUMNS.index("volumes")] = json.dumps(rec.volumes) if rec.volumes else None
         with self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO sandboxes ({','.join(_COLUMNS)}) "
                              f"VALUES ({','.join('?' * len(_COLUMNS))})", values)
@@ -127,3 +134,58 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+
+# --- snapshots (engine/snapshots.py) --------------------------------------------------------------
+_SNAPSHOT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY,
+    name TEXT,
+    api_key TEXT,
+    template TEXT NOT NULL,
+    template_digest TEXT NOT NULL,
+    parent TEXT,
+    source_sandbox TEXT,
+    created_at REAL NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    internal INTEGER NOT NULL
+);
+"""
+_SNAPSHOT_COLUMNS = ("id", "name", "api_key", "template", "template_digest", "parent", "source_sandbox",
+                     "created_at", "size_bytes", "internal")
+
+
+class SnapshotStore:
+    """The snapshots table, in the same database file as the sandboxes (like ``KeyStore``).
+    A row exists only for a whole image on the host (``storage/snapshots.py`` writes it first)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = connect_private(path)
+        self._lock = threading.Lock()
+        self._db.executescript(_SNAPSHOT_SCHEMA)
+
+    def put(self, row: dict) -> None:
+        with self._lock:
+            self._db.execute(f"INSERT OR REPLACE INTO snapshots ({','.join(_SNAPSHOT_COLUMNS)}) "
+                             f"VALUES ({','.join('?' * len(_SNAPSHOT_COLUMNS))})",
+                             [row[c] for c in _SNAPSHOT_COLUMNS])
+
+    def get(self, snapshot_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {','.join(_SNAPSHOT_COLUMNS)} FROM snapshots WHERE id=?",
+                                   (snapshot_id,)).fetchone()
+        return dict(zip(_SNAPSHOT_COLUMNS, row, strict=True)) if row else None
+
+    def all(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {','.join(_SNAPSHOT_COLUMNS)} FROM snapshots "
+                                    "ORDER BY created_at").fetchall()
+        return [dict(zip(_SNAPSHOT_COLUMNS, r, strict=True)) for r in rows]
+
+    def rename(self, snapshot_id: str, name: str | None) -> None:
+        with self._lock:
+            self._db.execute("UPDATE snapshots SET name=? WHERE id=?", (name, snapshot_id))
+
+    def delete(self, snapshot_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))

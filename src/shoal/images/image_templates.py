@@ -155,13 +155,14 @@ def _forget_failed(store: TemplateStore, tdir: Path) -> None:
     collect_blobs(store)
 
 
-def image_names(store: TemplateStore) -> list[str]:
-    """Names of the image templates with metadata, sorted."""
+def image_names(store: TemplateStore, hidden: bool = False) -> list[str]:
+    """Names of the image templates with metadata, sorted; ``hidden`` adds a build's own (its FROM image,
+    the stage it resumes from: ``build_runner``), which ``template ls`` does not show."""
     root = store.settings.templates_dir
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.name not in store.recipes and NAME_RE.fullmatch(p.name)
-                  and is_image_meta(store._read_meta(p.name)))
+                  and is_image_meta(meta := store._read_meta(p.name)) and (hidden or not (meta or {}).get("hidden")))
 
 
 def collect_blobs(store: TemplateStore) -> int:
@@ -173,7 +174,7 @@ def collect_blobs(store: TemplateStore) -> int:
         if not locked:
             return 0
         keep: set[str] = set()
-        for name in image_names(store):
+        for name in image_names(store, hidden=True):
             meta = store._read_meta(name) or {}
             keep.update(str(d).split(":", 1)[-1] for d in meta.get("blobs") or [])  # type: ignore[union-attr]
         removed = 0

@@ -236,6 +236,8 @@ def _populate_base(tree: Path, log: Log, cache_dir: Path) -> None:
     shutil.rmtree(tree / "debootstrap", ignore_errors=True)  # left behind only by a failed run
 
     _add_user(tree)
+    if not os.path.lexists(tree / "usr/bin/python"):  # E2B's base has `python` (Debian ships python3 only)
+        (tree / "usr/bin/python").symlink_to("python3")
     _write(tree / "etc/hosts", _HOSTS)
     _write(tree / "etc/resolv.conf", "")
     _write(tree / "etc/hostname", "sandbox\n")
@@ -251,9 +253,19 @@ def _populate_base(tree: Path, log: Log, cache_dir: Path) -> None:
 
 #: What E2B's ``code-interpreter-v1`` promises, pinned. Installed into the sandbox's system Python
 #: (/usr/local/lib/python3.11/dist-packages) so that ``python3`` in a terminal sees them too.
-#: ``jupyter_client`` is all the kernel server (shoal/inside/kernel_server.py) needs.
+#: ``jupyter_client`` is all the kernel server (shoal/inside/kernel_server.py) needs; ``e2b-charts``
+#: is E2B's own chart extractor (``result.chart``, wired in by shoal/inside/python_startup.py, +7 MB
+#: with pydantic); ``bash_kernel`` is the Bash kernel (+1 MB); ``jjava`` the Java kernel (+5 MB).
 INTERPRETER_PACKAGES = ["ipykernel==7.4.0", "jupyter_client==8.10.0", "numpy==2.4.6", "pandas==3.1.1",
-                        "matplotlib==3.11.2"]
+                        "matplotlib==3.11.2", "e2b-charts==1.0.0", "bash_kernel==0.10.0", "jjava==1.0a8"]
+#: E2B's other languages, from Debian (installed size): Node.js for JavaScript contexts (+88 MB; its
+#: Jupyter kernels need zeromq binaries from outside the registries, so shoal/inside/js_kernel.js
+#: drives node instead) and TypeScript's compiler for it (+67 MB), R with IRkernel (+134 MB), a JDK
+#: for jjava (JShell is JDK-only, +280 MB).
+#: The bound: E2B's five languages cost about 500 MB of image, read-only and shared by every
+#: sandbox of the template (nothing per sandbox); drop a language here to save its share (asking
+#: for it then answers 400 naming these packages).
+INTERPRETER_DEBIAN = ["nodejs", "node-typescript", "r-base-core", "r-cran-irkernel", "openjdk-17-jdk-headless"]
 #: Test suites shipped inside wheels: never imported by user code, a fifth of the installed size.
 _INTERPRETER_TRIM = ["numpy/_core/tests", "numpy/*/tests", "numpy/*/*/tests", "pandas/tests",
                      "matplotlib/tests", "mpl_toolkits/*/tests"]
@@ -304,22 +316,47 @@ def _chroot(tree: Path) -> Iterator[list[str]]:
         (tree / _BUILD_CA).unlink(missing_ok=True)
 
 
+def _trim_apt(tree: Path) -> None:
+    """What ``apt-get install`` left that no sandbox reads (lists, downloaded .debs, docs), as ``base`` trims."""
+    for rel in _TRIM:
+        path = tree / rel
+        if rel != "dev" and path.is_dir() and not path.is_symlink():
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+    for leftover in (tree / "var/cache/apt").glob("*.bin"):
+        leftover.unlink()
+
+
 def _populate_code_interpreter(tree: Path, log: Log, cache_dir: Path) -> None:
-    """On top of ``base``: ipykernel, jupyter_client, numpy, pandas, matplotlib (pip, in a chroot)."""
+    """On top of ``base``: Jupyter kernels for Python, Bash and R, Node.js for JavaScript, numpy, pandas,
+    matplotlib and E2B's chart extractor (apt and pip, in a chroot)."""
     chroot = _need_tool("chroot", "coreutils")
     if not (tree / "usr/bin/python3").exists():
         raise RuntimeFailure("the parent template has no /usr/bin/python3", step="template build")
     with _chroot(tree) as env:
+        apt = [chroot, str(tree), "/usr/bin/env", "-i", *env, "DEBIAN_FRONTEND=noninteractive", "apt-get", "-q"]
+        log(f"apt-get install {' '.join(INTERPRETER_DEBIAN)}")
+        _run_streaming([*apt, "update"], log, "apt-get update")
+        _run_streaming([*apt, "install", "-y", "--no-install-recommends", *INTERPRETER_DEBIAN], log,
+                       "apt-get install")
         log(f"pip install {' '.join(INTERPRETER_PACKAGES)}")
         _run_streaming([chroot, str(tree), "/usr/bin/env", "-i", *env, "python3", "-m", "pip", "install",
                         "--no-cache-dir", "--break-system-packages", "--root-user-action=ignore",
                         "--disable-pip-version-check", "--no-warn-script-location", "--progress-bar=off",
                         *INTERPRETER_PACKAGES], log, "pip install")
-        # matplotlib builds its font cache on first import (seconds): do it now, as the user.
-        log("building matplotlib's font cache for user")
-        _run_streaming([chroot, f"--userspec={USER_UID}:{USER_GID}", str(tree), "/usr/bin/env", "-i",
-                        f"PATH={_CHROOT_PATH}", "HOME=/home/user", "LANG=C.UTF-8", "PYTHONDONTWRITEBYTECODE=1",
-                        "python3", "-c", "import matplotlib.font_manager"], log, "matplotlib font cache")
+        _run_streaming([chroot, str(tree), "/usr/bin/env", "-i", *env, "python3", "-m", "bash_kernel.install",
+                        "--sys-prefix"], log, "bash kernel spec")
+        # matplotlib builds its font cache on first import (seconds): do it now, as root (whom the
+        # kernels run as) and as the user (python3 in a terminal).
+        log("building matplotlib's font cache for root and user")
+        for userspec, home in (("0:0", "/root"), (f"{USER_UID}:{USER_GID}", "/home/user")):
+            _run_streaming([chroot, f"--userspec={userspec}", str(tree), "/usr/bin/env", "-i",
+                            f"PATH={_CHROOT_PATH}", f"HOME={home}", "LANG=C.UTF-8", "PYTHONDONTWRITEBYTECODE=1",
+                            "python3", "-c", "import matplotlib.font_manager"], log, "matplotlib font cache")
+    _trim_apt(tree)
 
     site = next((tree / "usr/local/lib").glob("python3*/dist-packages"), None)
     if site is None:
@@ -343,8 +380,9 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         Recipe("minimal", "busybox shell and applets, no Python (builds in seconds)", "1", _populate_minimal),
         Recipe("base", "Debian 12 (bookworm) minbase with bash, python3, pip, venv, git, curl, sudo",
-               "1", _populate_base),
-        Recipe("code-interpreter-v1", "base + Jupyter kernel (ipykernel), numpy, pandas, matplotlib: "
-               "E2B's code interpreter", "1", _populate_code_interpreter, parent="base"),
+               "2", _populate_base),
+        Recipe("code-interpreter-v1", "base + Python, JavaScript, TypeScript, R, Bash and Java contexts, numpy, "
+               "pandas, matplotlib, e2b-charts: E2B's code interpreter", "3", _populate_code_interpreter,
+               parent="base"),
     )
 }

@@ -172,6 +172,12 @@ class TemplateStore:
         """
         if name not in self.recipes:
             meta = self._read_meta(self._image_info(name).name) or {}
+            if meta.get("builder") or meta.get("hidden"):  # built from steps (images/build_runner.py)
+                info = self.get(name)
+                if info.built and not force:
+                    return info
+                raise Conflict(f"template '{name}' was built from build steps ({meta.get('source')}); "
+                               "build it again with: shoal template build NAME -f Dockerfile [CONTEXT]")
             return self.build_image(name, str(meta["source"]), insecure=bool(meta.get("insecure")), force=force,
                                     progress=progress)
         recipe = self._recipe(name)

@@ -1,8 +1,13 @@
 """The code interpreter inside a sandbox: E2B's port-49999 HTTP API in front of Jupyter kernels.
 
-This file runs INSIDE the sandbox (Python 3.11, stdlib + ``jupyter_client`` only; ipykernel is the
-kernel). The daemon uploads it and starts it as ``user`` (see ``interpreter.py``); it listens on
-127.0.0.1:49999, and the daemon relays E2B clients' requests to it byte for byte.
+This file runs INSIDE the sandbox (Python 3.11, stdlib + ``jupyter_client`` only). The daemon
+uploads it with its siblings (``languages.py``, ``node_context.py``, ``python_startup.py``,
+``js_kernel.js``) and starts it as root, as E2B runs its kernels (see ``interpreter.py``); it
+listens on 127.0.0.1:49999, and the daemon relays E2B clients' requests to it byte for byte.
+
+Languages (``languages.py``): Python, Bash and R run as Jupyter kernels (ipykernel, bash_kernel,
+IRkernel, jjava), JavaScript and TypeScript as a node process of our own (``node_context.py``); what a template lacks
+answers 400 naming the packages it needs.
 
 API (what E2B's code interpreter server answers)::
 
@@ -16,8 +21,10 @@ API (what E2B's code interpreter server answers)::
 Execute streams one JSON object per line: ``stdout``/``stderr`` {text, timestamp}, ``result``
 {text, html, markdown, svg, png, jpeg, pdf, latex, json, javascript, data, extra, is_main_result},
 ``error`` {name, value, traceback}, ``number_of_executions`` {execution_count}, and always last
-``end_of_execution``. One kernel per context, state kept across calls; a default Python context
-is started with the server so the first execute only waits for it.
+``end_of_execution``. One kernel per context, state kept across calls; the default Python and
+JavaScript contexts (E2B's two) start with the server, so the first execute only waits for what is
+left of them, and ``GET /contexts`` waits for them too (a fresh sandbox lists both, like E2B's).
+Contexts list in the order they were created, whichever finished starting first.
 
 If the client goes away mid-execution the kernel is interrupted (the SDK closes the connection on
 its execution timeout). ``env_vars`` apply to one execution: set before it, restored after it.
@@ -34,14 +41,24 @@ import signal
 import sys
 import uuid
 
+import languages
+from node_context import NodeContext
+
 os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")  # before jupyter_client: no deprecation warning
 
 HOST = "127.0.0.1"
 PORT = int(os.environ.get("SHOAL_INTERPRETER_PORT", "49999"))
 READY = "shoal-code-interpreter ready"
-DEFAULT_CWD = os.environ.get("HOME") or "/home/user"
-#: Languages this server runs, by the names clients use, to the kernel that runs them.
-KERNELS = {"python": "python3", "python3": "python3"}
+#: Where contexts start unless told otherwise: E2B's /home/user (the server itself runs as root).
+DEFAULT_CWD = "/home/user" if os.path.isdir("/home/user") else (os.environ.get("HOME") or "/")
+#: E2B's default contexts, started with the server and listed by a fresh sandbox.
+DEFAULT_LANGUAGES = ("python", "javascript")
+#: How long ``GET /contexts`` waits for the default contexts to finish starting.
+DEFAULT_WAIT = 60.0
+#: Python kernels run python_startup.py (E2B's data and chart formats) and print like E2B's.
+PYTHON_KERNEL_ARGS = [
+    f"--IPKernelApp.exec_lines=__import__('runpy').run_path({os.path.join(languages.HERE, 'python_startup.py')!r});",
+    "--InteractiveShell.colors=NoColor", "--PlainTextFormatter.max_seq_length=0"]
 MAX_BODY = 64 * 1024 * 1024
 #: How often an execution that hears nothing checks that its kernel is still alive.
 LIVENESS_INTERVAL = 1.0
@@ -101,34 +118,21 @@ def error_line(name: str, value: str, traceback: list | str = "") -> dict:
     return {"type": "error", "name": name, "value": value, "traceback": traceback}
 
 
-def _env_code(values: dict[str, str | None]) -> str:
-    """Python that sets (str) or removes (None) each variable in the kernel's os.environ."""
-    sets = {k: v for k, v in values.items() if v is not None}
-    drops = [k for k, v in values.items() if v is None]
-    code = ["import os as __shoal_os"]
-    if sets:
-        code.append(f"__shoal_os.environ.update({sets!r})")
-    for key in drops:
-        code.append(f"__shoal_os.environ.pop({key!r}, None)")
-    code.append("del __shoal_os")
-    return "\n".join(code)
-
-
 # --- contexts --------------------------------------------------------------------------------------
 
 _RESTARTED = object()  # put in an execution's queue when its kernel restarts under it
 
 
 class Context:
-    """One kernel and the executions waiting for its messages (routed by parent msg_id)."""
+    """One Jupyter kernel and the executions waiting for its messages (routed by parent msg_id)."""
 
-    def __init__(self, language: str, cwd: str) -> None:
-        self.id = str(uuid.uuid4())
+    def __init__(self, language: str, cwd: str, context_id: str) -> None:
+        self.id = context_id
         self.language = language
         self.cwd = cwd
         from jupyter_client.manager import AsyncKernelManager  # here: the module is importable without it
 
-        self.km = AsyncKernelManager(kernel_name=KERNELS[language])
+        self.km = AsyncKernelManager(kernel_name=languages.JUPYTER_KERNELS[language])
         self.kc = None
         self.lock = asyncio.Lock()  # one execution at a time, env set-up and restore included
         self.ready = asyncio.Event()  # the kernel is up and its channels connected
@@ -141,7 +145,8 @@ class Context:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
 
     async def start(self) -> None:
-        await self.km.start_kernel(cwd=self.cwd)
+        extra = PYTHON_KERNEL_ARGS if self.language == "python" else []
+        await self.km.start_kernel(cwd=self.cwd, extra_arguments=extra)
         await self._connect()
         self.ready.set()
 
@@ -281,58 +286,89 @@ class Context:
                 return
             generation = self.generation
             if env_vars:
-                await self._run(_env_code(env_vars), True, lambda line: None)
+                await self._run(languages.env_code(self.language, env_vars), True, lambda line: None)
             await self._run(code, False, emit)
             if env_vars and generation == self.generation and self.kc is not None:
                 # Back to what the kernel inherited from this server, like E2B's global env vars.
-                await self._run(_env_code({k: os.environ.get(k) for k in env_vars}), True, lambda line: None)
+                await self._run(languages.env_code(self.language, {k: os.environ.get(k) for k in env_vars}), True,
+                                lambda line: None)
 
 
 class Interpreter:
     """Every context of this sandbox, and the default one per language."""
 
-    def __init__(self) -> None:
-        self.contexts: dict[str, Context] = {}
+    def __init__(self, catalog: languages.Catalog) -> None:
+        self.catalog = catalog
+        self.contexts: dict[str, Context | NodeContext] = {}
         self.defaults: dict[str, asyncio.Task] = {}
+        self.order: dict[str, int] = {}  # context id -> when it was asked for (listing order)
+        self._asked = 0
 
-    async def create(self, language: str, cwd: str) -> Context:
-        ctx = Context(language, cwd)
+    def language(self, value: object) -> str:
+        """The normalized language, if this sandbox runs it (else 400 saying what it needs)."""
+        try:
+            return self.catalog.check(languages.normalize(value))
+        except languages.UnsupportedLanguage as exc:
+            raise HTTPError(400, str(exc)) from None
+
+    async def create(self, language: str, cwd: str) -> Context | NodeContext:
+        context_id = str(uuid.uuid4())
+        self._asked += 1
+        self.order[context_id] = self._asked  # now, not when the kernel is up: a slow start keeps its place
+        ctx = (NodeContext if language in languages.NODE_LANGUAGES else Context)(language, cwd, context_id)
         try:
             await ctx.start()
-        except Exception:
+        except BaseException:
+            self.order.pop(context_id, None)
             await ctx.shutdown()
             raise
         self.contexts[ctx.id] = ctx
         return ctx
 
-    async def default(self, language: str) -> Context:
-        """The default context of ``language``, started on first use (Python's at server start)."""
+    async def default(self, language: str) -> Context | NodeContext:
+        """The default context of ``language``, started on first use (Python's and JavaScript's at start)."""
         task = self.defaults.get(language)
         if task is not None and task.done() and (task.cancelled() or task.exception() is not None
                                                  or task.result().id not in self.contexts):
             task = None  # failed to start, or deleted by a client: start another one
         if task is None:
             task = asyncio.create_task(self.create(language, DEFAULT_CWD))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors surface on use
             self.defaults[language] = task
         return await asyncio.shield(task)
 
-    def get(self, context_id: str) -> Context:
+    async def listing(self) -> list[dict]:
+        """Every context, oldest first, once the default contexts being started are up (or failed)."""
+        starting = [t for t in self.defaults.values() if not t.done()]
+        if starting:
+            await asyncio.wait(starting, timeout=DEFAULT_WAIT)
+        return [c.info() for c in sorted(self.contexts.values(), key=lambda c: self.order.get(c.id, 0))]
+
+    def get(self, context_id: str) -> Context | NodeContext:
         ctx = self.contexts.get(context_id)
         if ctx is None:
             raise HTTPError(404, f"Context {context_id} not found")
         return ctx
 
+    async def remove(self, context_id: str) -> None:
+        ctx = self.get(context_id)
+        del self.contexts[ctx.id]
+        self.order.pop(ctx.id, None)
+        await ctx.shutdown()
+
     async def close(self) -> None:
         await asyncio.gather(*(ctx.shutdown() for ctx in self.contexts.values()), return_exceptions=True)
 
 
-def _language(value: object) -> str:
-    if value is not None and not isinstance(value, str):
-        raise HTTPError(400, "language must be a string")
-    language = (value or "python").strip().lower()
-    if language not in KERNELS:
-        raise HTTPError(400, f"Language '{language}' is not supported: this sandbox runs Python only")
-    return "python"
+def _cwd(value: object) -> str:
+    """A context's working directory: an existing absolute directory, or 400."""
+    if value is None or value == "":
+        return DEFAULT_CWD
+    if not isinstance(value, str) or "\0" in value or not value.startswith("/"):
+        raise HTTPError(400, "cwd must be an absolute path")
+    if not os.path.isdir(value):
+        raise HTTPError(400, f"cwd {value!r} is not a directory")
+    return value
 
 
 # --- HTTP ------------------------------------------------------------------------------------------
@@ -396,8 +432,8 @@ def _json_body(body: bytes) -> dict:
 
 
 class Server:
-    def __init__(self) -> None:
-        self.interpreter = Interpreter()
+    def __init__(self, catalog: languages.Catalog) -> None:
+        self.interpreter = Interpreter(catalog)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -431,19 +467,14 @@ class Server:
             return await self.execute(_json_body(body), reader, writer)
         if parts == ["contexts"]:
             if method == "GET":
-                return await _respond(writer, 200, [c.info() for c in self.interpreter.contexts.values()])
+                return await _respond(writer, 200, await self.interpreter.listing())
             if method == "POST":
                 req = _json_body(body)
-                language = _language(req.get("language"))
-                cwd = req.get("cwd") or DEFAULT_CWD
-                if not isinstance(cwd, str) or not os.path.isdir(cwd):
-                    raise HTTPError(400, f"cwd {cwd!r} is not a directory")
-                ctx = await self.interpreter.create(language, cwd)
+                language = self.interpreter.language(req.get("language"))
+                ctx = await self.interpreter.create(language, _cwd(req.get("cwd")))
                 return await _respond(writer, 200, ctx.info())
         if len(parts) == 2 and parts[0] == "contexts" and method == "DELETE":
-            ctx = self.interpreter.get(parts[1])
-            del self.interpreter.contexts[ctx.id]
-            await ctx.shutdown()
+            await self.interpreter.remove(parts[1])
             return await _respond(writer, 200, None)
         if len(parts) == 3 and parts[0] == "contexts" and parts[2] == "restart" and method == "POST":
             await self.interpreter.get(parts[1]).restart()
@@ -467,7 +498,7 @@ class Server:
         if context_id:
             ctx = self.interpreter.get(str(context_id))
         else:
-            ctx = await self.interpreter.default(_language(language))
+            ctx = await self.interpreter.default(self.interpreter.language(language))
 
         lines: asyncio.Queue = asyncio.Queue()
         task = asyncio.create_task(ctx.execute(code, env_vars, lines.put_nowait))
@@ -512,15 +543,17 @@ async def main() -> int:
         print(f"shoal-code-interpreter: {exc} (this template has no Jupyter; use code-interpreter-v1)",
               file=sys.stderr, flush=True)
         return 2
-    server = Server()
+    server = Server(languages.Catalog())
     try:
         listener = await asyncio.start_server(server.handle, HOST, PORT, limit=MAX_BODY, reuse_address=True)
     except OSError as exc:
         print(f"shoal-code-interpreter: cannot listen on {HOST}:{PORT}: {exc.strerror}", file=sys.stderr, flush=True)
         return 3
-    # The default context starts now, so that the first execute waits only for what is left of it.
-    default = asyncio.create_task(server.interpreter.default("python"))
-    default.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors surface on use
+    # The default contexts start now, so that the first execute waits only for what is left of them.
+    for language in DEFAULT_LANGUAGES:
+        if language in server.interpreter.catalog.available():
+            asyncio.create_task(server.interpreter.default(language)).add_done_callback(
+                lambda t: t.cancelled() or t.exception())  # errors surface on use
     print(f"{READY} on {HOST}:{PORT}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

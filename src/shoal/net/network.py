@@ -27,6 +27,7 @@ import atexit
 import collections
 import ipaddress
 import json
+import logging
 import os
 import threading
 import time
@@ -37,7 +38,11 @@ from pathlib import Path
 from shoal.errors import CapacityExceeded, RuntimeFailure
 from shoal.net import names, nft, owners, slotns
 from shoal.net.config import NetConfig
+from shoal.net.egress import Egress
+from shoal.net.egress_proxy import EgressProxy, proxy_port
 from shoal.net.firewall import Firewall, SlotRules
+from shoal.net.policy import EgressPolicy, NetLimits
+from shoal.net.private_networks import SUFFIX, Directory, Member, PeerRules, member_of
 from shoal.net.resolver import Resolver
 from shoal.settings import Settings
 
@@ -52,6 +57,7 @@ REFILL_DELAY_S = 0.3
 #: directory is gone (a finished test run, say) is dead, and the next instance to start sweeps its table,
 #: gateway and veths; a live instance always has ``<run>/net``.
 REGISTRY = Path("/run/shoal-net")
+log = logging.getLogger("shoal.net")
 
 
 @dataclass
@@ -98,6 +104,8 @@ class Network:
         self._last_claim = 0.0
         self._resolver: Resolver | None = None
         self._ca_cache: dict[Path, str] = {}
+        self.egress = Egress(self)  # egress policy and limits (egress.py)
+        self._proxy: EgressProxy | None = None
 
     # --- host setup ---------------------------------------------------------------------------
     def _locked(self):  # noqa: ANN202 - the instance's lock (a context manager)
@@ -118,12 +126,22 @@ class Network:
                 self._gateway_device()
                 for knob in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"):
                     slotns._write(knob, "1")
-                self.firewall = Firewall(self.instance, self.subnet4, self.subnet6, self.gateway4)
+                self.firewall = Firewall(self.instance, self.subnet4, self.subnet6, self.gateway4,
+                                         proxy_port(self.instance))
+                self.peers = PeerRules(names.table(self.instance))
                 self._rebuild_table()
                 REGISTRY.mkdir(mode=0o700, exist_ok=True)
                 (REGISTRY / self.instance).write_text(str(self.root))
             sweep_dead_instances()
             self._resolver = Resolver(self.gateway4, self.config.upstreams(), self.subnet4)
+            self.directory = Directory(str(self.root / "slots"), self._members, self.subnet4)
+            self._resolver.local = self.directory.answer  # private networks' names, before the upstream
+            self._resolver.on_answer = self.egress.admit_answer
+            self._proxy = EgressProxy([self.gateway4, self.gateway6], proxy_port(self.instance), self.egress.decide)
+            try:
+                self._proxy.start()
+            except OSError as exc:  # fail closed: proxied connections are refused by the kernel
+                log.warning("egress proxy cannot listen on port %s: %s", proxy_port(self.instance), exc.strerror)
             try:
                 self._resolver.start()
             except OSError as exc:
@@ -195,12 +213,25 @@ class Network:
         ipv4, ipv6 = self.addresses(slot)
         online = bool(data.get("internet", True)) and self.config.internet if "sandbox" in data \
             else self.config.internet
-        return SlotRules(names.veth(self.instance, slot), ipv4, ipv6, online)
+        policy, limits = self.egress.rules_of(str(data["sandbox"])) if "sandbox" in data else (None, None)
+        return SlotRules(names.veth(self.instance, slot), ipv4, ipv6, online, slot, policy,
+                         *([limits.max_connections] if limits else []))
 
     def _rebuild_table(self) -> None:
         """The whole table from the slot files: restores every rule after a crash or a flush."""
-        rules = [self._rules(n, d) for n, d in sorted(self._read_slots().items()) if d]
-        nft.run(self.firewall.rebuild(rules), "network rules")
+        slots = self._read_slots()
+        rules = [self._rules(n, d) for n, d in sorted(slots.items()) if d]
+        nft.run(self.firewall.rebuild(rules) + self.peers.table_commands(self._members(slots)), "network rules")
+
+    def _members(self, slots: dict[int, dict | None] | None = None) -> list[Member]:
+        """Every sandbox in a private network, from the slot files (read now unless given)."""
+        out = []
+        for n, data in sorted((self._read_slots() if slots is None else slots).items()):
+            nets, name = member_of(data)
+            if nets:
+                ipv4, ipv6 = self.addresses(n)
+                out.append(Member(str(data["sandbox"]), names.veth(self.instance, n), ipv4, ipv6, nets, name))
+        return out
 
     def _new_slot(self) -> int:
         """Reserve a slot number (O_EXCL on its file), make its namespace and rules; owned by this process'
@@ -243,11 +274,22 @@ class Network:
             if self._ready:
                 rules = self._rules(slot, data)
                 try:
-                    nft.run(self.firewall.remove_slot(SlotRules(rules.veth, rules.ipv4, rules.ipv6, True)),
+                    nft.run(self.firewall.remove_slot(SlotRules(rules.veth, rules.ipv4, rules.ipv6, True, slot)),
                             "network rules")
                 except RuntimeFailure:
                     pass  # the table is gone or was rebuilt without it
+                self._leave_networks(rules.veth, data)
             self.owners.drop(slot)
+
+    def _leave_networks(self, veth: str, data: dict) -> None:
+        """Remove the ``peers`` pairs of a slot being freed (its own batch: nothing else can fail it)."""
+        nets, _ = member_of(data)
+        if not nets:
+            return
+        try:
+            nft.run(self.peers.leave(veth, nets, self._members()), "private network rules")
+        except RuntimeFailure:
+            pass  # the table is gone or was rebuilt without it (a rebuild reads the slot files)
 
     def _unlink_sandbox(self, sandbox_id: str, slot: int) -> None:
         """Remove ``sandboxes/<id>`` if it names ``slot`` (caller holds the lock)."""
@@ -295,8 +337,12 @@ class Network:
         return data == owners.pool_owner()
 
     # --- sandboxes ----------------------------------------------------------------------------
-    def claim(self, sandbox_id: str, internet: bool = True, lower_dir: Path | None = None) -> Lease:
-        """Give ``sandbox_id`` a ready slot (made now if the pool is empty).
+    def claim(self, sandbox_id: str, internet: bool = True, lower_dir: Path | None = None,
+              networks: tuple[str, ...] = (), name: str | None = None, policy: EgressPolicy | None = None,
+              limits: NetLimits | None = None) -> Lease:
+        """Give ``sandbox_id`` a ready slot (made now if the pool is empty), in private ``networks`` (ids)
+        under DNS ``name``: both are written in its slot file with the owner, and the peers' set elements
+        added in the same locked step.
 
         The pool only remembers numbers: a pooled slot is handed over only if its file, under the lock,
         still names this process' pool. Anything else (a reconcile elsewhere took it, a forked child holds
@@ -304,6 +350,13 @@ class Network:
         self.ensure()
         online = bool(internet) and self.config.internet
         owner = owners.sandbox_owner(sandbox_id, online)
+        if policy is None and limits is None:  # a resume after a host reboot: what was stored still holds
+            policy, limits = self.egress.files.load(sandbox_id) or (None, None)
+        elif policy is not None or limits != NetLimits():  # stored before any rule names it (egress.py)
+            self.egress.files.save(sandbox_id, policy or EgressPolicy(), limits or NetLimits())
+        limits = limits or NetLimits()
+        if networks:
+            owner.update(networks=list(networks), name=name)
         while True:
             with self._pool_cv:
                 slot = self._pool.popleft() if self._pool else None
@@ -322,6 +375,12 @@ class Network:
                     os.symlink(str(slot), link)
                     if not online and self.config.internet:
                         nft.run(self.firewall.set_online(names.veth(self.instance, slot), False), "network rules")
+                    if (policy is not None and not policy.default) or limits != NetLimits():
+                        nft.run(self.egress.commands(slot, policy, limits, True), "network policy")
+                    if networks:
+                        nft.run(self.peers.join(names.veth(self.instance, slot), tuple(networks), self._members()),
+                                "private network rules")
+                self.egress.shape(slot, limits)
             except BaseException:
                 self._free_slot(slot, lambda data: data == owner or self._in_my_pool(data))
                 raise
@@ -331,7 +390,7 @@ class Network:
         self.ensure()  # a process that resumes a sandbox it did not create has not set up the host yet
         _, ns, sysfs = self._paths(slot)
         ipv4, ipv6 = self.addresses(slot)
-        files = {"resolv.conf": f"nameserver {self.gateway4}\noptions edns0\n"}
+        files = {"resolv.conf": f"nameserver {self.gateway4}\nsearch {SUFFIX}\noptions edns0\n"}
         ca = self.config.extra_ca()
         if ca:
             files[CA_BUNDLE_IN_SANDBOX] = self._template_ca(lower_dir) + ca.decode("ascii", "replace")
@@ -421,6 +480,7 @@ class Network:
                         os.unlink(entry.path)
                 except (OSError, ValueError):
                     os.unlink(entry.path)
+            self.egress.files.sweep(alive, ORPHAN_GRACE_S)  # policies of sandboxes that are gone
             self._rebuild_table()
         return freed
 
@@ -441,6 +501,8 @@ class Network:
             self._free_slot(slot, self._in_my_pool)
         if self._resolver is not None:
             self._resolver.close()
+        if self._proxy is not None:
+            self._proxy.close()
         if not self._ready:
             return
         with self._locked():

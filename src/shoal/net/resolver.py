@@ -1,8 +1,9 @@
 """Shoal's DNS resolver for its sandboxes: UDP on the gateway address, forwarding to the host's.
 
 Every sandbox's ``/etc/resolv.conf`` names it, and the firewall lets a sandbox reach nothing else of
-the host. It is the hook for domain policy (next wave: admit the answers for allowed names into the
-sandbox's nftables set), so each query is parsed here, not relayed blind. Sandbox input is hostile:
+the host. It is the hook for domain policy (``on_answer``: egress.py admits the answers for a sandbox's
+allowed names into its nftables set before the answer reaches it), so each query is parsed here, not
+relayed blind. Sandbox input is hostile:
 anything that does not parse as one DNS question is dropped, each upstream answer must come from the
 upstream's address and carry the query's id, and at most ``WORKERS`` queries are in flight.
 
@@ -17,6 +18,7 @@ import ipaddress
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("shoal.net.resolver")
@@ -31,6 +33,11 @@ class Resolver:
         self._sock: socket.socket | None = None
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="shoal-dns")
         self._slots = threading.BoundedSemaphore(WORKERS * 4)
+        #: ``local(query, asker) -> reply | None``: names Shoal answers itself (private networks' members).
+        self.local: Callable[[bytes, str], bytes | None] | None = None
+        #: ``on_answer(asker, reply)``: called with each upstream answer before the asker gets it (egress
+        #: policy admits the addresses of allowed names into the asker's nftables set here).
+        self.on_answer: Callable[[str, bytes], None] | None = None
 
     def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -71,7 +78,11 @@ class Resolver:
 
     def _answer(self, sock: socket.socket, data: bytes, peer: tuple) -> None:
         try:
-            reply = self.resolve(data)
+            reply = self.local(data, peer[0]) if self.local else None
+            if reply is None:
+                reply = self.resolve(data)
+                if reply is not None and self.on_answer is not None:
+                    self.on_answer(peer[0], reply)
             if reply is not None:
                 sock.sendto(reply, peer)
         except OSError:

@@ -225,10 +225,11 @@ class AsyncAgentClient:
         return head["entry"], chunks()
 
     async def write_file(self, path: str, chunks: AsyncIterable[bytes] | bytes, *, user: str | None = None,
-                         mode: int | None = None, append: bool = False) -> dict:
+                         mode: int | None = None, append: bool = False, metadata: dict[str, str] | None = None) -> dict:
         conn = await self.connect()
         try:
-            await conn.send({"op": "file.write", "path": path, "user": user, "mode": mode, "append": append})
+            await conn.send({"op": "file.write", "path": path, "user": user, "mode": mode, "append": append,
+                             "metadata": metadata})
             try:
                 if isinstance(chunks, (bytes, bytearray)):
                     for i in range(0, len(chunks), 4 * p.CHUNK):

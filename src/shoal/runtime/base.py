@@ -33,6 +33,10 @@ class SandboxSpec:
     sysfs: str | None = None
     #: Files written into the writable layer's ``/etc`` (``resolv.conf``, a CA bundle), owned by sandbox root.
     etc_files: dict[str, str] = field(default_factory=dict)
+    #: Volumes bind-mounted in: (host mount of the volume, path inside, read-only), see ``engine/volumes.py``.
+    volumes: tuple[tuple[str, str, bool], ...] = ()
+    #: Read-only layers stacked above ``lower_dir``, top first (mounted snapshots, ``engine/snapshots.py``).
+    lower_layers: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)

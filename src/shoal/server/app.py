@@ -22,12 +22,13 @@ from shoal.engine import Engine
 from shoal.server import errors
 from shoal.server.e2b.security import Tokens
 from shoal.server.e2b.wing import E2B
+from shoal.server.exposed_ports import ExposedPorts
 from shoal.server.fastpath import ExecFastPath
 from shoal.server.gate import Gate
 from shoal.server.metrics import Metrics
 from shoal.server.port_access import PortAccess
 from shoal.server.portproxy import PortProxy
-from shoal.server.routes import files, processes, pty, sandboxes, system
+from shoal.server.routes import files, processes, pty, sandboxes, system, volumes
 from shoal.server.sandbox_options import SandboxOptions
 from shoal.server.sandbox_routing import SandboxRouting
 
@@ -55,6 +56,7 @@ def create_app(engine: Engine) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(_reaper(engine))
+        app.state.gate.standby.start()  # idle sandboxes go to standby (engine/standby.py)
         async with contextlib.AsyncExitStack() as stack:
             for ctx in extra_lifespans:
                 await stack.enter_async_context(ctx(app))
@@ -62,6 +64,7 @@ def create_app(engine: Engine) -> FastAPI:
                 yield
             finally:
                 task.cancel()
+                app.state.gate.standby.stop()
 
     app = FastAPI(title="Shoal", version=__version__, lifespan=lifespan,
                   description="Sandboxes for AI agents: native REST API. Authenticate with "
@@ -75,8 +78,13 @@ def create_app(engine: Engine) -> FastAPI:
     app.state.port_access = PortAccess(engine, tokens, options)
     errors.install(app)
     app.add_middleware(ExecFastPath, gate=gate, metrics=app.state.metrics)
-    for module in (system, sandboxes, processes, files, pty):
+    for module in (system, sandboxes, processes, files, pty, volumes):
         app.include_router(module.router)
+    from shoal.server.routes import networks, ports, snapshots  # private networks; ports; snapshots and fork
+    for module in (networks, ports, snapshots):
+        app.include_router(module.router)
+    app.state.exposed_ports = ExposedPorts(gate)  # sandbox ports on host ports, listened again at start
+    extra_lifespans.append(app.state.exposed_ports.lifespan)
     wing = E2B(gate, tokens, options, app.state.port_access)
     wing.install(app)
     wing.start()

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from shoal.engine import Engine, SandboxRecord, SandboxState
 from shoal.engine.engine import unusable
 from shoal.engine.keys import ApiKey
+from shoal.engine.standby import Standby, wakes_on_traffic
 from shoal.errors import NotFound, RuntimeFailure, ShoalError
-from shoal.runtime.agent_aio import AsyncAgentClient
+from shoal.runtime.agent_aio import AsyncAgentClient, AsyncAgentConnection
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,27 @@ class SandboxToken:
 Credential = ApiKey | SandboxToken
 
 
+class TrackedAgentClient(AsyncAgentClient):
+    """The agent client the gate hands out: every connection it opens counts as traffic and keeps the
+    sandbox out of standby until it closes (a stream, a PTY, a port connection)."""
+
+    def __init__(self, socket_path: str, sandbox_id: str, standby: Standby) -> None:
+        super().__init__(socket_path, sandbox_id)
+        self._standby = standby
+
+    async def connect(self) -> AsyncAgentConnection:
+        conn = await super().connect()
+        self._standby.hold(self.sandbox_id, conn.writer.transport)
+        return conn
+
+
 class Gate:
     """From (sandbox id, credential) to the sandbox's record or agent; one instance per daemon."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, standby: Standby | None = None) -> None:
         self.engine = engine
+        #: Traffic bookkeeping and wake-up (``engine/standby.py``); its loop is started by the app.
+        self.standby = standby or Standby(engine)
 
     def record(self, sandbox_id: str, credential: Credential) -> SandboxRecord:
         """The sandbox, in any state, if ``credential`` may see it; else ``NotFound``."""
@@ -47,8 +64,12 @@ class Gate:
         return self.engine.get(sandbox_id, credential)
 
     def usable(self, sandbox_id: str, credential: Credential) -> SandboxRecord:
-        """The sandbox if it can take requests now; else the one error that says why not."""
+        """The sandbox if it can take requests now; else the one error that says why not. A request is
+        traffic: it resets the idle clock, and wakes a sandbox that standby (never its user) paused."""
         rec = self.record(sandbox_id, credential)
+        self.standby.touch(sandbox_id)
+        if wakes_on_traffic(rec):
+            rec = self.standby.wake(rec)
         if rec.state is not SandboxState.RUNNING:
             raise unusable(rec)
         return rec
@@ -56,7 +77,7 @@ class Gate:
     def agent(self, sandbox_id: str, credential: Credential) -> AsyncAgentClient:
         """The agent of a usable sandbox (its answers are still hostile input: see ``AsyncAgentClient``)."""
         self.usable(sandbox_id, credential)
-        return AsyncAgentClient(str(self.engine.runtime.agent_socket(sandbox_id)), sandbox_id)
+        return TrackedAgentClient(str(self.engine.runtime.agent_socket(sandbox_id)), sandbox_id, self.standby)
 
     def explain(self, sandbox_id: str, exc: ShoalError) -> ShoalError:
         """The error to report when talking to a sandbox's agent failed with ``exc``.

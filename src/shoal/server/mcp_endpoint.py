@@ -45,7 +45,8 @@ from shoal.runtime.output_budget import BUDGET, CappedOutput
 from shoal.server.auth import key_from_headers
 from shoal.server.errors import error_response
 from shoal.server.gate import Gate
-from shoal.server.models import Entry, Sandbox
+from shoal.server.models import Entry, Sandbox, VolumeMount
+from shoal.server.models import Snapshot as SnapshotModel
 
 log = logging.getLogger("shoal.mcp")
 
@@ -140,6 +141,16 @@ def build_server(engine: Engine, gate: Gate) -> MCPServer:
             "Environment variables for every command run in it."))] = None,
         metadata: Annotated[dict[str, str] | None, Field(description=(
             "Your own string labels, returned by list_sandboxes."))] = None,
+        networks: Annotated[list[str] | None, Field(max_length=8, description=(
+            "Private networks (create_network) to join: members reach each other by address and name."))] = None,
+        name: Annotated[str | None, Field(max_length=32, description=(
+            "Its DNS name in its private networks (<name>.shoal.internal)."))] = None,
+        snapshot: Annotated[str | None, Field(max_length=64, description=(
+            "Start from this snapshot's files (snapshot_create); its template is used."))] = None,
+        volumes: Annotated[list[VolumeMount] | None, Field(max_length=16, description=(
+            "Your volumes (create_volume) to mount: [{name, path, read_only}]."))] = None,
+        standby_after: Annotated[float | None, Field(ge=0, le=LIMITS.timeout.high, description=(
+            "Idle seconds before it freezes itself (the next call wakes it); 0: never."))] = None,
     ) -> Sandbox:
         """Create a new, isolated Linux sandbox and start it.
 
@@ -151,9 +162,46 @@ def build_server(engine: Engine, gate: Gate) -> MCPServer:
             key = _caller(ctx, engine)
             rec = await anyio.to_thread.run_sync(
                 lambda: engine.create(template, cpu=cpu, memory_mb=memory_mb, timeout=timeout, env=env or {},
-                                      metadata=metadata or {}, api_key=key))
+                                      metadata=metadata or {}, api_key=key, networks=networks, name=name,
+                                      snapshot=snapshot, volumes=[v.model_dump() for v in volumes or []],
+                                      standby_after=standby_after))
             log.info("sandbox created over MCP", extra={"sandbox": rec.id, "key": key.id})
             return Sandbox.of(rec)
+
+    @mcp.tool(annotations=ToolAnnotations(title="Snapshot sandbox", read_only_hint=False, destructive_hint=False,
+                                          idempotent_hint=False, open_world_hint=False))
+    async def snapshot_create(
+        ctx: Context, sandbox_id: SandboxId,
+        name: Annotated[str | None, Field(max_length=63, description=(
+            "A name unique among your snapshots (letters, digits, . _ -)."))] = None,
+    ) -> SnapshotModel:
+        """Freeze a sandbox's files into a snapshot (memory is not kept); the sandbox keeps running.
+
+        Returns the snapshot: its `id` (or use its `name`) starts new sandboxes with those files
+        (create_sandbox with `snapshot`).
+        """
+        with _tool_errors():
+            key = _caller(ctx, engine)
+            snap = await anyio.to_thread.run_sync(lambda: engine.snapshots.create(sandbox_id, name, key))
+            return SnapshotModel.of(snap)
+
+    @mcp.tool(annotations=ToolAnnotations(title="Fork sandbox", read_only_hint=False, destructive_hint=False,
+                                          idempotent_hint=False, open_world_hint=False))
+    async def fork(
+        ctx: Context, sandbox_id: SandboxId,
+        count: Annotated[int, Field(ge=1, le=100, description="How many copies to start.")] = 1,
+    ) -> SandboxList:
+        """Start `count` new sandboxes with a copy of a sandbox's files (not its memory: their processes
+        start fresh); the original keeps running. Returns `{"sandboxes": [...]}`, the ones that started.
+        """
+        from shoal.engine.fork import fork as fork_sandbox
+        with _tool_errors():
+            key = _caller(ctx, engine)
+            results = await anyio.to_thread.run_sync(lambda: fork_sandbox(engine, sandbox_id, count, key))
+            made = [r for r in results if not isinstance(r, ShoalError)]
+            if not made:
+                raise next(r for r in results if isinstance(r, ShoalError))
+            return SandboxList(sandboxes=[Sandbox.of(r) for r in made])
 
     @mcp.tool(annotations=ToolAnnotations(title="List sandboxes", read_only_hint=True, open_world_hint=False))
     async def list_sandboxes(ctx: Context) -> SandboxList:
@@ -297,6 +345,10 @@ def build_server(engine: Engine, gate: Gate) -> MCPServer:
             reply = await agent.call({"op": "file.list", "path": path, "depth": depth})
             return FileList(path=path, entries=[Entry(**e) for e in reply["entries"]])
 
+    from shoal.server import mcp_networks  # private networks and ports: their own module
+    mcp_networks.register(mcp, engine, gate, _caller, _tool_errors)
+    from shoal.server import mcp_volumes  # named volumes: their own module
+    mcp_volumes.register(mcp, engine, _caller, _tool_errors)
     return mcp
 
 

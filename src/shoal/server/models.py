@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator
 
@@ -17,6 +17,33 @@ Text = Annotated[str, AfterValidator(clean_text)]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class VolumeMount(Strict):
+    name: Text = Field(..., min_length=1, max_length=63)
+    path: Text = Field(..., min_length=2, max_length=1024, description="Absolute path inside the sandbox (not "
+                       "/, /proc, /sys, /dev, /.shoal or under them).")
+    read_only: bool = False
+
+
+class VolumeCreate(Strict):
+    name: Text = Field(..., min_length=1, max_length=63, description="Unique per API key: letters, digits, . _ -")
+    size_mb: int = Field(1024, ge=16, le=1024 * 1024, description="The kernel enforces it: full is ENOSPC.")
+
+
+class Volume(BaseModel):
+    id: str
+    name: str
+    size_mb: int
+    created_at: datetime
+    sandboxes: list[str] = Field(default_factory=list, description="Sandboxes that mount it (rm is refused "
+                                 "while any do).")
+    used_bytes: int | None = Field(None, description="Bytes used, while some sandbox has it mounted.")
+    total_bytes: int | None = None
+
+    @classmethod
+    def of(cls, info: dict) -> Volume:
+        return cls(**{**info, "created_at": datetime.fromtimestamp(info["created_at"], UTC)})
 
 
 class SandboxCreate(Strict):
@@ -36,6 +63,23 @@ class SandboxCreate(Strict):
                                           "survives restarts; full is ENOSPC) or ram (tmpfs, counted as memory).")
     internet: bool | None = Field(None, description="false: the sandbox reaches nothing past the host (it keeps "
                                   "its address and DNS). Default: the daemon's SHOAL_INTERNET (on).")
+    egress: dict[str, Any] | None = Field(None, description="Egress policy: allow_out (CIDRs, IPs, domains, "
+                                          "*.wildcards), deny_out (CIDRs, IPs), rules ({domain: [{transform: "
+                                          "{headers}}]}, plain HTTP); an allow beats a deny. See docs/networking.md.")
+    net_limits: dict[str, Any] | None = Field(None, description="egress_mbit, ingress_mbit (default unlimited), "
+                                              "max_connections (default 1024) outbound at once.")
+    networks: list[Text] = Field(default_factory=list, max_length=8, description="Private networks (of this key) "
+                                 "to join: members reach each other by address and by name.")
+    name: Text | None = Field(None, max_length=32, description="Its DNS name in its private networks "
+                              "(<name>.shoal.internal; <id>.shoal.internal always works).")
+    volumes: list[VolumeMount] = Field(default_factory=list, max_length=16,
+                                       description="Volumes of this key mounted into the sandbox (POST /v1/volumes).")
+    standby_after: float | None = Field(None, ge=0, le=LIMITS.timeout.high, description="Seconds without "
+                                        "traffic before it freezes itself (the next request wakes it); 0: never. "
+                                        "Default: the daemon's SHOAL_STANDBY_AFTER (0).")
+    snapshot: Text | None = Field(None, min_length=1, max_length=64, description="Start from this snapshot's "
+                                  "files (id or name, POST /v1/sandboxes/{id}/snapshots); its template is used, "
+                                  "`template` is ignored.")
 
     @field_validator("public_ports")
     @classmethod
@@ -88,9 +132,14 @@ class Sandbox(BaseModel):
     address: str | None = Field(None, description="Its IPv4 address (null: loopback only).")
     address6: str | None = Field(None, description="Its IPv6 address.")
     internet: bool | None = Field(None, description="Whether it may reach past the host.")
+    networks: list[str] = Field(default_factory=list, description="Private networks it is a member of.")
+    name: str | None = Field(None, description="Its DNS name in its private networks.")
     disk_used_bytes: int | None = Field(None, description="Bytes used in the writable layer (while mounted; "
                                         "GET /v1/sandboxes/{id} only).")
     disk_total_bytes: int | None = Field(None, description="Size of the writable layer (the same).")
+    volumes: list[dict] = Field(default_factory=list, description="Mounted volumes: {id, name, path, read_only}.")
+    standby_after: float | None = Field(None, description="Idle seconds before standby (null: the daemon's).")
+    snapshot: str | None = Field(None, description="The snapshot its files started from (null: its template).")
 
     @classmethod
     def of(cls, rec: SandboxRecord, disk: object | None = None) -> Sandbox:
@@ -101,7 +150,9 @@ class Sandbox(BaseModel):
                    disk_mb=rec.disk_mb, created_at=ts(rec.created_at), expires_at=ts(rec.expires_at),
                    metadata=rec.metadata, reason=rec.reason, layer=rec.layer, pause_mode=rec.pause_mode,
                    started_at=ts(rec.started_at), boot_id=rec.boot_id, address=rec.address, address6=rec.address6,
-                   internet=rec.internet,
+                   networks=rec.networks, name=rec.name,
+                   internet=rec.internet, volumes=rec.volumes, standby_after=rec.standby_after,
+                   snapshot=rec.snapshot,
                    disk_used_bytes=getattr(disk, "used", None), disk_total_bytes=getattr(disk, "total", None))
 
 
@@ -189,6 +240,83 @@ class MoveRequest(Strict):
     dst: Text = Field(..., min_length=1, max_length=4096)
 
 
+class NetworkCreate(Strict):
+    name: Text = Field(..., min_length=1, max_length=32, description="Lower-case letters, digits and '-'.")
+
+
+class PrivateNetworkInfo(BaseModel):
+    name: str
+    created_at: float
+    members: list[str] = Field(description="Ids of the sandboxes in it (any state).")
+
+
+class ListeningPort(BaseModel):
+    port: int
+    address: str
+    family: Literal[4, 6]
+
+
+class ExposeRequest(Strict):
+    port: StrictInt = Field(..., ge=1, le=65535, description="The port inside the sandbox.")
+    host_port: StrictInt | None = Field(None, ge=1024, le=65535, description="Default: one the kernel picks.")
+    bind: Text = Field("127.0.0.1", max_length=64, description="A host address to listen on (default loopback).")
+
+
+class ExposedPort(BaseModel):
+    sandbox_id: str
+    port: int
+    host_port: int
+    bind: str
+
+
 class Health(BaseModel):
     status: str
     version: str
+
+
+# --- snapshots and fork (server/routes/snapshots.py) ------------------------------------------------
+class SnapshotCreate(Strict):
+    name: Text | None = Field(None, min_length=1, max_length=63, description="Unique per API key: letters, "
+                              "digits, . _ -, starting with a letter or digit.")
+
+
+class Snapshot(BaseModel):
+    id: str
+    name: str | None = None
+    template: str = Field(..., description="The template it stacks on.")
+    parent: str | None = Field(None, description="The snapshot it stacks on (a snapshot of a sandbox made from a "
+                               "snapshot): its layers are parent's plus its own.")
+    source_sandbox: str | None = None
+    created_at: datetime
+    size_bytes: int = Field(..., description="Bytes of its own compressed layer on the host.")
+
+    @classmethod
+    def of(cls, snap: object) -> Snapshot:
+        d = snap.to_dict()  # type: ignore[attr-defined]
+        return cls(**{**d, "created_at": datetime.fromtimestamp(d["created_at"], UTC)})
+
+
+class ForkRequest(Strict):
+    count: StrictInt = Field(1, ge=1, le=100)
+    timeout: int | None = Field(None, ge=LIMITS.timeout.low, le=LIMITS.timeout.high,
+                                description="Seconds until each fork is deleted (default: the parent's time left).")
+
+
+class ForkError(BaseModel):
+    code: str
+    message: str
+
+
+class ForkResult(BaseModel):
+    sandbox: Sandbox | None = None
+    error: ForkError | None = None
+
+
+class ForkResponse(BaseModel):
+    memory_copied: bool = Field(False, description="Always false: forks start new processes on the parent's "
+                                "files; nothing of its memory is copied.")
+    forks: list[ForkResult]
+
+
+class SnapshotTemplate(Strict):
+    name: Text = Field(..., min_length=1, max_length=63, description="The new template's name.")

@@ -128,6 +128,18 @@ def thaw(name: str) -> None:
         pass
 
 
+def frozen(name: str) -> bool:
+    """True while the group is frozen (or freezing)."""
+    if mode() == "v2":
+        path, thawed = _controller_dir("", name) / "cgroup.freeze", "0"
+    else:
+        path, thawed = _controller_dir("freezer", name) / "freezer.state", "THAWED"
+    try:
+        return path.read_text().strip() != thawed
+    except OSError:
+        return False
+
+
 def kill_all(name: str) -> None:
     """SIGKILL everything in the group; the last resort when crun's state is gone."""
     d = _controller_dir("", name) if mode() == "v2" else None

@@ -11,6 +11,7 @@ import ctypes.util
 import errno
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 MS_RDONLY = 1
@@ -45,7 +46,7 @@ def move(source: str | os.PathLike, target: str | os.PathLike) -> None:
     mount(source, target, "", MS_MOVE)
 
 
-def mount_overlay(target: Path, lower: Path, upper: Path, work: Path, cwd: Path) -> None:
+def mount_overlay(target: Path, lower: Path | Sequence[Path], upper: Path, work: Path, cwd: Path) -> None:
     """Mount an overlay whose options name its layers relative to ``cwd``.
 
     The options are what ``/proc/self/mountinfo`` shows, inside the sandbox too: absolute paths would
@@ -54,11 +55,13 @@ def mount_overlay(target: Path, lower: Path, upper: Path, work: Path, cwd: Path)
     that first takes a private copy of it (``unshare(CLONE_FS)``), so no other thread of the daemon
     ever sees a changed directory.
     """
-    rel = {name: os.path.relpath(path, cwd) for name, path in
-           (("lowerdir", lower), ("upperdir", upper), ("workdir", work))}
-    for value in rel.values():
-        if any(c in value for c in ",:\\"):  # the option syntax's own separators
-            raise OSError(errno.EINVAL, f"overlay layer path {value!r} cannot be named in mount options")
+    lowers = [lower] if isinstance(lower, str | os.PathLike) else list(lower)  # several: top first
+    named = [*(("lowerdir", p) for p in lowers), ("upperdir", upper), ("workdir", work)]
+    for _, path in named:
+        if any(c in os.path.relpath(path, cwd) for c in ",:\\"):  # the option syntax's own separators
+            raise OSError(errno.EINVAL, f"overlay layer path {path!s} cannot be named in mount options")
+    rel = {"lowerdir": ":".join(os.path.relpath(p, cwd) for p in lowers), "upperdir": os.path.relpath(upper, cwd),
+           "workdir": os.path.relpath(work, cwd)}
     data = ",".join(f"{k}={v}" for k, v in rel.items())
     box: list[BaseException] = []
 

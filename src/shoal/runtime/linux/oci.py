@@ -83,6 +83,11 @@ def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int, c
              "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
             {"destination": MOUNT_POINT, "type": "bind", "source": runtime_dir,
              "options": ["rbind", "ro", "nosuid", "nodev"]},
+            # Named volumes: the host's one mount of each, bound in (crun resolves the destination inside
+            # the rootfs); read-only ones stay so (sandbox root has no CAP_SYS_ADMIN to remount).
+            *({"destination": dest, "type": "bind", "source": source,
+               "options": ["rbind", "nosuid", "nodev", "ro" if read_only else "rw"]}
+              for source, dest, read_only in spec.volumes),
         ],
         "linux": {
             **({} if userns else {

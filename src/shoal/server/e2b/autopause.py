@@ -13,11 +13,15 @@ import threading
 import time
 
 from shoal.engine import Engine, SandboxState
+from shoal.engine.standby import AUTO_RESUME
 from shoal.errors import ShoalError
 from shoal.server.sandbox_options import SandboxOptions
 
 log = logging.getLogger("shoal.e2b")
 OPTION = "autoPause"
+#: E2B's ``lifecycle.auto_resume``: the pause at the timeout is a standby (``engine/standby.py``), which the
+#: next request through the gate undoes; without it only ``connect``/resume does.
+RESUME_OPTION = "autoResume"
 
 
 class AutoPause:
@@ -29,9 +33,9 @@ class AutoPause:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def enable(self, sandbox_id: str) -> None:
-        """``sandbox_id`` pauses at its timeout from now on."""
-        self.options.update(sandbox_id, **{OPTION: True})
+    def enable(self, sandbox_id: str, auto_resume: bool = False) -> None:
+        """``sandbox_id`` pauses at its timeout from now on (``auto_resume``: traffic wakes it)."""
+        self.options.update(sandbox_id, **{OPTION: True, **({RESUME_OPTION: True} if auto_resume else {})})
         self.ensure()
 
     def resume_watch(self) -> None:
@@ -59,10 +63,11 @@ class AutoPause:
         for rec in self.engine.list(states={SandboxState.RUNNING}):
             if rec.expires_at is None or rec.expires_at - now > self.LEAD:
                 continue
-            if not self.options.get(rec.id).get(OPTION):
+            options = self.options.get(rec.id)
+            if not options.get(OPTION):
                 continue
             try:
-                self.engine.pause(rec.id)
+                self.engine.pause(rec.id, reason=AUTO_RESUME if options.get(RESUME_OPTION) else None)
                 paused.append(rec.id)
                 log.info("sandbox paused at its timeout (autoPause)", extra={"sandbox": rec.id})
             except ShoalError:

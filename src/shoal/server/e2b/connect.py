@@ -206,6 +206,16 @@ class ServerStream:
         except OSError as exc:  # uvicorn: the connection is gone
             raise ConnectError("canceled", "the client went away") from exc
 
+    async def abort(self) -> None:
+        """Drop the response without its end envelope: the caller then returns without finishing the
+        ASGI response, and the server closes the connection mid-body. A client sees the transport fail,
+        as when a sandbox dies under a real envd (E2B's SDKs then check whether the sandbox still runs
+        and say it was killed); an end envelope, even an error one, would read as envd's own answer."""
+        if self.closed:
+            return
+        self.closed = True
+        await self._start()
+
     async def end(self, error: ConnectError | None = None) -> None:
         if self.closed:
             return

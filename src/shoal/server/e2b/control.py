@@ -13,10 +13,12 @@ header to the port inside the sandbox. Behind a wildcard DNS name, set ``SHOAL_E
 
 Create accepts E2B's body; ``templateID`` (default ``base``), ``timeout`` (default 300 s),
 ``metadata``, ``envVars`` (every process's environment), ``autoPause`` (pause instead of delete at
-the timeout, see ``autopause.py``) and ``network.allowPublicTraffic`` (false: ``get_host`` traffic needs
-the traffic token) are honoured; other fields (``allow_internet_access``, ``autoResume``, ``mcp``,
+the timeout, see ``autopause.py``; with ``autoResume.enabled`` the next request wakes it),
+``volumeMounts`` (the key's volumes, ``volumes.py``), ``network.allowPublicTraffic`` (false: ``get_host``
+traffic needs the traffic token), ``network.allowOut/denyOut/rules`` and ``allow_internet_access`` (egress policy,
+``egress.py``) are honoured; other fields (``mcp``,
 ``iam``, the snapshot ``memory`` choice of pause/connect) are accepted and ignored: a paused Shoal
-sandbox always keeps its memory (its processes are frozen). ``volumeMounts`` is refused.
+sandbox always keeps its memory (its processes are frozen).
 
 The router reaches the daemon's one E2B wing as ``request.app.state.e2b`` (tokens, options store,
 auto-pause): nothing is kept on the engine or in module globals beyond the idempotency table.
@@ -46,7 +48,8 @@ from shoal.engine.models import SandboxRecord
 from shoal.engine.text import check_text
 from shoal.errors import CapacityExceeded, InvalidRequest, InvalidTransition, NotFound, QuotaExceeded, ShoalError
 from shoal.server.auth import key_from_headers
-from shoal.server.e2b import ENVD_VERSION, bounded_json
+from shoal.server.e2b import ENVD_VERSION, bounded_json, egress
+from shoal.server.e2b.autopause import OPTION as AUTO_PAUSE
 from shoal.server.e2b.security import Tokens
 
 CLIENT_ID = "shoal"
@@ -58,6 +61,8 @@ NEVER = "9999-12-31T23:59:59Z"
 IDEMPOTENCY_TTL = 600.0
 #: A control-plane body is a few fields; anything near this size is not one.
 MAX_BODY = 1024 * 1024
+#: What ``timeout: 0`` sets: the smallest timeout the engine takes (it refuses 0), i.e. expired now.
+EXPIRE_NOW = 0.001
 log = logging.getLogger("shoal.e2b")
 
 
@@ -252,11 +257,13 @@ async def create(request: Request) -> JSONResponse:
     eng = _engine(request)
     body = await _body(request)
     template = check_text(body.get("templateID") or DEFAULT_TEMPLATE, "templateID")
+    from shoal.server.e2b.snapshots import snapshot_of_template  # in E2B a snapshot is a template
+    snapshot = snapshot_of_template(eng, key, template)
     timeout = _timeout(body.get("timeout"))
     metadata = _string_map(body.get("metadata") or {}, "metadata")
     env = _string_map(body.get("envVars") or {}, "envVars")
-    if body.get("volumeMounts"):
-        raise InvalidRequest("volume mounts are not supported by Shoal")
+    from shoal.server.e2b.volumes import mounts_of  # volumeMounts: the key's volumes (e2b/volumes.py)
+    volumes = mounts_of(body)
     network = body.get("network") or {}
     public = not (isinstance(network, dict) and network.get("allowPublicTraffic") is False)
     auto_pause = body.get("autoPause") is True
@@ -274,14 +281,28 @@ async def create(request: Request) -> JSONResponse:
             pass
 
     rec = await run_in_threadpool(eng.create, template, env=env, metadata=metadata, timeout=timeout, api_key=key,
-                                  internet=False if body.get("allow_internet_access") is False else None)
+                                  snapshot=snapshot, volumes=volumes, **egress.create_args(body))
     wing = request.app.state.e2b
     wing.port_access.set_public(rec.id, public, [])
     if auto_pause:
-        wing.autopause.enable(rec.id)
+        wing.autopause.enable(rec.id, auto_resume=_auto_resume(body))
     if idem:
         _idempotent[(key.id, idem)] = (now, rec.id)
     return JSONResponse(_sandbox(rec, request), status_code=201)
+
+
+def _auto_resume(body: dict) -> bool:
+    """E2B's ``lifecycle.auto_resume`` (``autoResume: {enabled}``): traffic wakes it after its auto-pause."""
+    raw = body.get("autoResume")
+    return raw is True or (isinstance(raw, dict) and raw.get("enabled") is True)
+
+
+@router.put("/sandboxes/{sandbox_id}/network", status_code=204)
+async def update_network(sandbox_id: str, request: Request) -> Response:
+    """E2B's ``update_network``: the whole egress policy replaced (server/e2b/egress.py)."""
+    policy, internet = egress.update_args(await _body(request))
+    await run_in_threadpool(_engine(request).update_network, sandbox_id, policy, internet, _key(request))
+    return Response(status_code=204)
 
 
 # --- read ------------------------------------------------------------------------------------------
@@ -299,7 +320,10 @@ async def list_v2(request: Request) -> JSONResponse:
     key = _key(request)
     q = request.query_params
     recs = _select(request, key, _states(q.getlist("state")))
-    desc = q.get("order") == "desc"
+    order = q.get("order") or "desc"  # E2B's spec: newest first unless asked otherwise
+    if order not in ("asc", "desc"):
+        raise InvalidRequest(f"order must be asc or desc, not {order!r}")
+    desc = order == "desc"
     recs.sort(key=lambda r: (r.created_at, r.id), reverse=desc)
     token = q.get("nextToken")
     if token:
@@ -327,24 +351,23 @@ async def list_v1(request: Request) -> JSONResponse:
 
 @router.get("/sandboxes/{sandbox_id}/metrics")
 async def metrics(sandbox_id: str, request: Request) -> JSONResponse:
-    eng = _engine(request)
-    rec = eng.get(sandbox_id, _key(request))
-    use = eng.runtime.usage(rec.id)
-    now = time.time()
-    cpus = max(1, math.ceil(rec.cpu))
-    elapsed = max(1e-3, now - rec.created_at)
-    cpu_pct = (use.get("cpu_usec") or 0) / 1e6 / elapsed / cpus * 100
-    disk_used = 0
+    """``start``/``end`` (Unix seconds) select samples in range: ``metrics.MetricSamples``."""
+    rec = _engine(request).get(sandbox_id, _key(request))
+    q = request.query_params
+    bounds = [_unix(q.get(name), name) for name in ("start", "end")]
+    return JSONResponse(await run_in_threadpool(request.app.state.e2b.metrics.series, rec, *bounds))
+
+
+def _unix(raw: str | None, what: str) -> int | None:
+    if raw is None or raw == "":
+        return None
     try:
-        st = os.statvfs(eng.settings.sandboxes_dir / rec.id / "upper")
-        disk_used = (st.f_blocks - st.f_bfree) * st.f_frsize
-    except OSError:
-        pass
-    return JSONResponse([{
-        "timestamp": _iso(now), "timestampUnix": int(now), "cpuCount": cpus, "cpuUsedPct": round(cpu_pct, 2),
-        "memUsed": use.get("memory_bytes") or 0, "memTotal": rec.memory_mb * 1024 * 1024, "memCache": 0,
-        "diskUsed": disk_used, "diskTotal": rec.disk_mb * 1024 * 1024,
-    }])
+        value = int(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"{what} must be a Unix time in seconds") from exc
+    if not 0 <= value < 2**40:
+        raise InvalidRequest(f"{what} must be a Unix time in seconds")
+    return value
 
 
 # --- lifecycle -------------------------------------------------------------------------------------
@@ -362,8 +385,26 @@ async def set_timeout(sandbox_id: str, request: Request) -> Response:
     body = await _body(request)
     if "timeout" not in body:
         raise InvalidRequest("timeout is required")
-    _engine(request).set_timeout(sandbox_id, _timeout(body["timeout"]), key)  # type: ignore[arg-type]
+    value = body["timeout"]
+    if value == 0 and not isinstance(value, bool):
+        await _time_is_up(sandbox_id, request, key)
+        return Response(status_code=204)
+    _engine(request).set_timeout(sandbox_id, _timeout(value), key)  # type: ignore[arg-type]
     return Response(status_code=204)
+
+
+async def _time_is_up(sandbox_id: str, request: Request, key: ApiKey) -> None:
+    """``timeout: 0`` is E2B's "the timeout is now": what the sandbox does at its timeout happens at
+    once. With ``autoPause`` it is paused here (waiting for the auto-pause thread could let the reaper
+    delete it first); otherwise it expires now and the daemon's reaper deletes it within a second, as
+    any expired sandbox. A paused sandbox only has its clock reset (paused sandboxes never expire)."""
+    eng = _engine(request)
+    wing = request.app.state.e2b
+    rec = eng.get(sandbox_id, key)
+    if rec.state is SandboxState.RUNNING and wing.options.get(rec.id).get(AUTO_PAUSE):
+        await run_in_threadpool(eng.pause, sandbox_id, key)
+        return
+    eng.set_timeout(sandbox_id, EXPIRE_NOW, key)
 
 
 @router.post("/sandboxes/{sandbox_id}/refreshes", status_code=204)

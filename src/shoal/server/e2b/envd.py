@@ -34,10 +34,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 from shoal.engine.text import text_problem
-from shoal.errors import CapacityExceeded, InvalidRequest, NotFound, ShoalError
+from shoal.errors import CapacityExceeded, InvalidRequest, NotFound, RuntimeFailure, ShoalError
 from shoal.runtime.agent_aio import AsyncAgentClient
 from shoal.server.asgi import send_json
-from shoal.server.e2b import ENVD_PORT, signing, uploads
+from shoal.server.e2b import ENVD_PORT, file_metadata, signing, uploads
 from shoal.server.e2b import connect as c
 from shoal.server.e2b.security import Tokens
 from shoal.server.gate import Gate
@@ -50,6 +50,8 @@ TOKEN, SIGNED = "token", "signed"
 WATCHER_IDLE = 600.0
 WATCHER_MAX_EVENTS = 10000
 PASSWD_LIMIT = 1024 * 1024
+#: Longest path the facade reports from an agent's entry (Linux's PATH_MAX).
+MAX_PATH = 4096
 #: Go's names for signals (what envd's ``status`` says: ``signal: killed``).
 SIGNAL_NAMES = {1: "hangup", 2: "interrupt", 3: "quit", 4: "illegal instruction", 5: "trace/breakpoint trap",
                 6: "aborted", 7: "bus error", 8: "floating point exception", 9: "killed",
@@ -99,8 +101,19 @@ def entry_json(e: object) -> dict:
            "permissions": _str(e.get("permissions")), "owner": _str(str(e.get("owner") or "")),
            "group": _str(str(e.get("group") or "")), "modifiedTime": _rfc3339(ts)}
     if kind == "symlink":
-        out["symlinkTarget"] = _str(e.get("symlink_target"))
+        # E2B describes a link by what it points to: the target's type and its absolute path, which the
+        # agent resolved inside the sandbox. A dangling link (or a forged target) stays a symlink.
+        target = e.get("target") if isinstance(e.get("target"), dict) else {}
+        tpath, ttype = target.get("path"), target.get("type")
+        if isinstance(tpath, str) and tpath.startswith("/") and len(tpath) <= MAX_PATH and ttype in ENTRY_TYPES:
+            out["type"] = ENTRY_TYPES[ttype]
+            out["symlinkTarget"] = _str(tpath)
+        else:
+            out["symlinkTarget"] = _str(e.get("symlink_target"))[:MAX_PATH]
         out["isSymlink"] = True
+    meta = file_metadata.reported(e.get("metadata"))
+    if meta:
+        out["metadata"] = meta
     return out
 
 
@@ -211,8 +224,12 @@ def _written(entry: object) -> dict:
     """The agent's entry for a written file as envd's answer: only the fields the answer has, as strings."""
     e = entry if isinstance(entry, dict) else {}
     kind = e.get("type")
-    return {"name": str(e.get("name") or ""), "type": kind if kind in ("file", "dir", "symlink") else "file",
-            "path": str(e.get("path") or "")}
+    out = {"name": _str(e.get("name")), "type": kind if kind in ("file", "dir", "symlink") else "file",
+           "path": _str(e.get("path"))}
+    meta = file_metadata.reported(e.get("metadata"))
+    if meta:
+        out["metadata"] = meta
+    return out
 
 
 def _http_status(exc: ShoalError) -> int:
@@ -412,7 +429,7 @@ class EnvdApp:
         elif path == "/files" and method == "POST":
             await self._upload(receive, send, sid, agent, headers, query, signed=auth == SIGNED)
         else:
-            await send_json(send, 404, {"code": 404, "message": f"no route {method} {path} in envd"})
+            await send_json(send, 501, {"code": 501, "message": f"not supported by this server: envd {method} {path}"})
 
     def _authorized(self, sid: str, headers: dict[str, str], path: str, method: str, query: dict) -> str | None:
         """``TOKEN`` (the sandbox's access token: any user, any path), ``SIGNED`` (a file URL's
@@ -494,6 +511,9 @@ class EnvdApp:
             except c.ConnectError as exc:
                 await out.end(exc)
             except ShoalError as exc:
+                if self._sandbox_lost(sid, exc):
+                    await out.abort()  # not ended: see ServerStream.abort
+                    return
                 await out.end(c.from_shoal(exc))
             except Exception as exc:  # noqa: BLE001 - every failure must end the stream properly
                 log.exception("envd stream failed")
@@ -503,7 +523,7 @@ class EnvdApp:
             return
         try:
             if name not in _UNARY:
-                raise c.ConnectError("unimplemented", f"{name} is not implemented")
+                raise c.ConnectError("unimplemented", f"not supported by this server: {name}")
             if streaming:
                 raise c.ConnectError("invalid_argument", f"{name} is a unary method")
             req = c.decode_unary(await c.read_body(receive))
@@ -520,6 +540,14 @@ class EnvdApp:
             await c.send_unary_error(send, c.ConnectError("internal", f"internal error: {type(exc).__name__}"))
             return
         await c.send_unary(send, reply)  # type: ignore[arg-type]
+
+    def _sandbox_lost(self, sid: str, exc: ShoalError) -> bool:
+        """Whether a stream failed because the sandbox went away under it (killed, expired, paused) or
+        its agent's connection dropped, rather than with an answer to give."""
+        if isinstance(exc, RuntimeFailure) and isinstance(exc.__cause__, asyncio.IncompleteReadError | OSError):
+            return True
+        _agent, problem = traffic_agent(self.gate, sid)
+        return problem is not None
 
     @staticmethod
     def _keepalive(headers: dict[str, str]) -> float | None:
@@ -846,6 +874,7 @@ class EnvdApp:
             if signed and not path:
                 raise InvalidRequest("a signed upload URL must name its path")
             user = await self._files_user(sid, agent, headers, query)
+            meta = file_metadata.from_headers(headers)
             written: list[dict] = []
             if ctype.lower().startswith("multipart/form-data"):
                 reader = uploads.MultipartReader(receive, ctype, budget)
@@ -859,13 +888,14 @@ class EnvdApp:
                     if not target:
                         raise InvalidRequest("every file part needs a filename (its path) when path is not given")
                     written.append(await agent.write_file(_text(target, "the file's path"), part.chunks(),
-                                                          user=user))
+                                                          user=user, metadata=meta))
                 if not written:
                     raise InvalidRequest("no part named 'file' in the upload")
             else:
                 if not path:
                     raise InvalidRequest("path is required for an octet-stream upload")
-                written.append(await agent.write_file(path, uploads.octet_stream(receive, budget, gzip), user=user))
+                written.append(await agent.write_file(path, uploads.octet_stream(receive, budget, gzip), user=user,
+                                                      metadata=meta))
         except c.ConnectError as exc:
             await send_json(send, 400, {"code": 400, "message": exc.message})
             return

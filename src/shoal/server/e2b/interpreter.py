@@ -11,14 +11,16 @@ is produced in exactly one place, kernels live and die with their sandbox (nothi
 to leak or to lose on a daemon restart), a process in the sandbox can use the same API on
 localhost, and requests for sandbox A cannot reach B: each goes through A's own agent socket.
 
-Lifecycle: the server is started as ``user`` (cwd /home/user, tag ``shoal-code-interpreter``)
+Lifecycle: the server is started as root (cwd /home/user, tag ``shoal-code-interpreter``), as
+E2B runs its kernels: E2B code may ``cd /root`` or create a context there. Sandbox root is already
+an unprivileged host uid, and nothing the server answers is trusted here (see ``_relay``).
 * eagerly, in a background thread, when the daemon creates a sandbox of ``code-interpreter-v1``
   (or a template built on it); it starts the default Python kernel at once, so the first execute
   after create waits at most for what is left of a kernel start (under a second here);
 * lazily, on any interpreter request that finds nothing listening (a sandbox made before the
-  daemon started, or one whose server was killed). The source is uploaded by the agent's file
-  write each time it is started (to ``/opt/shoal/kernel_server.py``), so the server always
-  matches this daemon, whatever image the template was built with.
+  daemon started, or one whose server was killed). The sources (``shoal/inside``: the server and
+  its language modules) are uploaded by the agent's file write each time it is started (to
+  ``/opt/shoal/``), so the server always matches this daemon, whatever image the template was built with.
 
 Auth (as envd, ``security.Tokens``): the SDK sends ``X-Access-Token`` (the envdAccessToken) on
 ``/execute`` and ``E2B-Traffic-Access-Token`` (the trafficAccessToken) on every call; either one,
@@ -32,6 +34,7 @@ answers 502 too; the SDK reads it as "sandbox timed out / not running").
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from pathlib import Path
@@ -49,8 +52,11 @@ log = logging.getLogger("shoal.e2b.interpreter")
 
 PORT = 49999
 TEMPLATE = "code-interpreter-v1"
-SERVER_PATH = "/opt/shoal/kernel_server.py"
-SERVER_USER = "user"
+SERVER_DIR = "/opt/shoal"
+SERVER_PATH = f"{SERVER_DIR}/kernel_server.py"
+#: Uploaded beside the server: the modules it imports and the files its kernels run.
+SERVER_FILES = ("kernel_server.py", "languages.py", "node_context.py", "python_startup.py", "js_kernel.js")
+SERVER_USER = "root"
 SERVER_CWD = "/home/user"
 TAG = "shoal-code-interpreter"
 READY = b"shoal-code-interpreter ready"
@@ -60,6 +66,8 @@ MAX_BODY = 64 * 1024 * 1024
 CHUNK = 64 * 1024
 #: The server in the sandbox is sandbox code: its response head is bounded like any hostile input.
 MAX_RESPONSE_HEADERS = 100
+#: The last line of every complete ``/execute`` stream (kernel_server.py writes it even after an error).
+END_OF_EXECUTION = "end_of_execution"
 #: Never forwarded into the sandbox: hop-by-hop, re-made below, or secrets of the caller.
 _DROP_REQUEST = {b"host", b"connection", b"keep-alive", b"content-length", b"transfer-encoding", b"te", b"trailer",
                  b"upgrade", b"proxy-authorization", b"authorization", b"x-api-key", b"x-access-token",
@@ -67,16 +75,20 @@ _DROP_REQUEST = {b"host", b"connection", b"keep-alive", b"content-length", b"tra
 _DROP_RESPONSE = {b"connection", b"keep-alive", b"transfer-encoding"}
 
 #: Read from the package, written into the sandbox: never imported by the host.
-SERVER_SOURCE = Path(__file__).resolve().parents[2] / "inside" / "kernel_server.py"
-_source: bytes | None = None
+INSIDE = Path(__file__).resolve().parents[2] / "inside"
+_sources: dict[str, bytes] = {}
+
+
+def server_sources() -> dict[str, bytes]:
+    """The in-sandbox server's files by name (``shoal/inside``: code that runs in sandboxes)."""
+    if not _sources:
+        _sources.update({name: (INSIDE / name).read_bytes() for name in SERVER_FILES})
+    return _sources
 
 
 def server_source() -> bytes:
-    """The in-sandbox server's source (``shoal/inside/kernel_server.py``: code that runs in sandboxes)."""
-    global _source
-    if _source is None:
-        _source = SERVER_SOURCE.read_bytes()
-    return _source
+    """The server's own source (``shoal/inside/kernel_server.py``)."""
+    return server_sources()["kernel_server.py"]
 
 
 def authorize(scope: dict, tokens: Tokens) -> bool:
@@ -119,7 +131,8 @@ class Launcher:
             agent.wait_ready(timeout=10)
             if _listening(agent):
                 return
-            agent.write_file(SERVER_PATH, server_source(), user="root", mode=0o644)
+            for name, source in server_sources().items():
+                agent.write_file(f"{SERVER_DIR}/{name}", source, user="root", mode=0o644)
             conn = agent.connect(timeout=START_TIMEOUT)
             try:
                 conn.send({"op": "process.start", "cmd": ["python3", SERVER_PATH], "user": SERVER_USER,
@@ -145,6 +158,35 @@ class Launcher:
 
 
 # --- the ASGI app ------------------------------------------------------------------------------------
+
+class _Ending:
+    """Whether a relayed response arrived whole. The server closes every connection, so an EOF alone
+    says nothing: a body shorter than its Content-Length, or an NDJSON execution stream whose last line
+    is not ``end_of_execution``, was cut short."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        fields = dict(headers)
+        length = fields.get(b"content-length", b"")
+        self.length = int(length) if length.isdigit() else None
+        self.ndjson = fields.get(b"content-type", b"").startswith(b"application/x-ndjson")
+        self.received = 0
+        self.tail = b""
+
+    def saw(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        self.tail = (self.tail + chunk)[-256:]
+
+    def complete(self) -> bool:
+        if self.length is not None and self.received < self.length:
+            return False
+        if self.ndjson:
+            last = self.tail.rstrip().rsplit(b"\n", 1)[-1]
+            try:
+                return json.loads(last).get("type") == END_OF_EXECUTION
+            except (ValueError, AttributeError):
+                return False
+        return True
+
 
 class _TooLarge(Exception):
     pass
@@ -295,6 +337,7 @@ class InterpreterApp:
             writer.close()
 
         watcher = asyncio.create_task(watch_disconnect())
+        ending = _Ending(headers)
         try:
             while True:
                 try:
@@ -303,7 +346,14 @@ class InterpreterApp:
                     chunk = b""
                 if not chunk:
                     break
+                ending.saw(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not ending.complete():
+                # Cut short (the sandbox was killed or paused, its server died): return without ending
+                # the response, so the server drops the connection mid-body. The SDK then checks the
+                # sandbox and says it was killed; a clean end would read as an empty, error-free result.
+                log.info("code interpreter response cut short", extra={"sandbox": scope.get("shoal.sandbox_id")})
+                return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()

@@ -21,6 +21,7 @@ from shoal.server.e2b.autopause import AutoPause
 from shoal.server.e2b.envd import EnvdApp, SignedFiles
 from shoal.server.e2b.interpreter import PORT as INTERPRETER_PORT
 from shoal.server.e2b.interpreter import InterpreterApp
+from shoal.server.e2b.metrics import MetricSamples
 from shoal.server.e2b.security import Tokens
 from shoal.server.gate import Gate
 from shoal.server.port_access import PortAccess
@@ -40,15 +41,25 @@ class E2B:
         self.envd = EnvdApp(gate, self.tokens)
         self.interpreter = InterpreterApp(gate, self.tokens)
         self.signed_files = SignedFiles(self.envd)
+        self.metrics = MetricSamples(gate.engine)
         self._services: dict[int, ASGIApp] = {ENVD_PORT: self.envd, INTERPRETER_PORT: self.interpreter}
+        from shoal.server.e2b.templates import TemplateBuilds
+        self.templates = TemplateBuilds(gate.engine, tokens._secret)  # E2B's template build API
 
     def install(self, app: FastAPI) -> None:
         """The control-plane router and the ``/files`` route for signed URLs; ``app.state.e2b``.
         Native routes never pass through anything of the wing's."""
-        from shoal.server.e2b import control
+        from shoal.server.e2b import control, unsupported
         app.state.e2b = self
         app.include_router(control.router)
+        from shoal.server.e2b import templates  # E2B's template build API; before snapshots: DELETE /templates
+        app.include_router(templates.router)  # of a snapshot is handed on to snapshots.delete_snapshot
+        from shoal.server.e2b import snapshots  # snapshots and fork (E2B's shapes)
+        app.include_router(snapshots.router)
+        from shoal.server.e2b import volumes  # E2B's volumes API (engine/volumes.py)
+        app.include_router(volumes.router)
         app.add_route("/files", self.signed_files, methods=["GET", "POST"], include_in_schema=False)
+        unsupported.install(app.router)  # E2B paths no route serves: 501, not "sandbox not found"
 
     def start(self) -> None:
         """At daemon start: auto-pause watches again over sandboxes that asked for it."""

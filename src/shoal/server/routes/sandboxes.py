@@ -42,7 +42,10 @@ async def create_sandbox(body: SandboxCreate, request: Request, key: ApiKey = De
     started = time.perf_counter()
     rec = await run_in_threadpool(eng.create, body.template, cpu=body.cpu, memory_mb=body.memory_mb,
                                   disk_mb=body.disk_mb, env=body.env, metadata=body.metadata, timeout=body.timeout,
-                                  api_key=key, layer=body.layer, internet=body.internet)
+                                  api_key=key, layer=body.layer, internet=body.internet,
+                                  networks=body.networks, name=body.name,
+                                  volumes=[v.model_dump() for v in body.volumes], standby_after=body.standby_after,
+                                  snapshot=body.snapshot, egress=body.egress, net_limits=body.net_limits)
     if body.public_traffic or body.public_ports:
         request.app.state.port_access.set_public(rec.id, body.public_traffic, body.public_ports)
     request.app.state.metrics.create_seconds.observe(time.perf_counter() - started)
@@ -104,6 +107,18 @@ async def pause(sandbox_id: str, body: PauseRequest | None = Body(None), key: Ap
 async def resume(sandbox_id: str, key: ApiKey = Depends(api_key), eng: Engine = Depends(engine),
                  access: PortAccess = Depends(port_access)) -> Sandbox:
     return _one(await run_in_threadpool(eng.resume, sandbox_id, key), access)
+
+
+@router.put("/{sandbox_id}/egress")
+async def set_egress(sandbox_id: str, body: dict = Body(...), key: ApiKey = Depends(api_key),
+                     eng: Engine = Depends(engine)) -> dict:
+    """Replace the sandbox's egress policy (``allow_out``, ``deny_out``, ``rules``, ``internet``) in one nft
+    batch; answers the policy as applied. ``/network`` is the port proxy's publicity (another setting)."""
+    policy = {k: v for k, v in body.items() if k != "internet"}
+    internet = body.get("internet")
+    if internet is not None and not isinstance(internet, bool):
+        raise InvalidRequest("internet must be a boolean")
+    return await run_in_threadpool(eng.update_network, sandbox_id, policy, internet, key)
 
 
 @router.put("/{sandbox_id}/network", response_model=Sandbox)
