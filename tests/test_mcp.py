@@ -20,7 +20,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 TOOLS = {"create_sandbox", "list_sandboxes", "delete_sandbox", "run_command", "read_file", "write_file",
-         "list_files", "create_network", "list_networks", "delete_network", "list_ports",
+         "list_files", "create_network", "list_networks", "delete_network", "list_ports", "update_network",
          "snapshot_create", "fork", "create_volume", "list_volumes", "delete_volume"}
 MARK = {"suite": "test_mcp"}
 

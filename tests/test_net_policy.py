@@ -318,6 +318,14 @@ def test_cli_no_internet_and_allow_out(engine: Engine, daemon, servers: Servers)
         p = subprocess.run([shoal, "create", "--deny-out", "example.com"], env=env, capture_output=True, text=True,
                            timeout=60)
         assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "deny_out" in p.stderr, p.stderr
+        # the same policy changed on the running sandbox: `shoal network policy ID ...`
+        p = subprocess.run([shoal, "network", "policy", made[0], "--no-internet", "--allow-out", TEST_HOST4],
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert reach(engine, made[0], TEST_HOST4) == HOST_SIDE4 and reach(engine, made[0], OTHER4) is None
+        p = subprocess.run([shoal, "network", "policy", made[0], "--deny-out", "not-a-cidr"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     finally:
         for sid in made:
             subprocess.run([shoal, "rm", sid], env=env, capture_output=True, timeout=60)

@@ -240,6 +240,12 @@ def test_mcp_networks_and_ports(own: Own) -> None:
                 serve(own, sid, 8130)
                 ports = await client.call_tool("list_ports", {"sandbox_id": sid})
                 assert 8130 in {p["port"] for p in ports.structured_content["ports"]}
+                policy = await client.call_tool("update_network", {"sandbox_id": sid, "allow_out": ["192.0.2.7"],
+                                                                   "deny_out": ["0.0.0.0/0"]})
+                assert not policy.is_error, policy.content
+                assert policy.structured_content["allow_out"] == ["192.0.2.7/32"]
+                bad = await client.call_tool("update_network", {"sandbox_id": sid, "deny_out": ["no/such"]})
+                assert bad.is_error
                 busy = await client.call_tool("delete_network", {"name": name})
                 assert busy.is_error and "member" in "".join(getattr(b, "text", "") for b in busy.content)
             finally:

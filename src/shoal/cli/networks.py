@@ -49,6 +49,21 @@ def install(app: typer.Typer, daemon_kwargs: Callable[[], dict]) -> None:
         for n in nets:
             typer.echo(f"{n['name']:<34}{' '.join(n['members']) or '-'}")
 
+    @network_app.command("policy")
+    def network_policy(sandbox_id: str = typer.Argument(..., metavar="ID"),
+                       allow_out: list[str] = typer.Option(None, "--allow-out",
+                                                           help="CIDR, IP or domain (*.x ok), repeatable."),
+                       deny_out: list[str] = typer.Option(None, "--deny-out", help="CIDR or IP, repeatable."),
+                       no_internet: bool = typer.Option(False, "--no-internet",
+                                                        help="Deny everything not allowed.")) -> None:
+        """Replace a running sandbox's egress policy (all of it; an allow beats a deny); prints it as applied."""
+        try:
+            applied = _sdk().update_network(sandbox_id, allow_out=allow_out or [], deny_out=deny_out or [],
+                                            internet=False if no_internet else None, **daemon_kwargs())
+        except BaseException as exc:  # noqa: BLE001
+            fail_on(exc)
+        typer.echo(json.dumps(applied))
+
     @network_app.command("rm")
     def network_rm(name: str = typer.Argument(..., metavar="NAME")) -> None:
         """Remove a private network (refused while a sandbox is in it)."""

@@ -24,6 +24,11 @@ class NetworkList(BaseModel):
     networks: list[PrivateNetworkInfo]
 
 
+class EgressPolicyInfo(BaseModel):
+    allow_out: list[str] = Field(description="CIDRs, IPs and domain names it may reach.")
+    deny_out: list[str] = Field(description="CIDRs and IPs it may not reach (unless allowed).")
+
+
 class PortList(BaseModel):
     ports: list[ListeningPort] = Field(description="TCP ports something listens on inside the sandbox.")
 
@@ -59,6 +64,24 @@ def register(mcp: MCPServer, engine: Engine, gate: Gate, caller: Callable, tool_
             await anyio.to_thread.run_sync(lambda: engine.delete_network(name, key))
             nets = await anyio.to_thread.run_sync(lambda: engine.private_networks.list(key.id, engine.store.all()))
             return NetworkList(networks=[PrivateNetworkInfo(**n.to_dict()) for n in nets])
+
+    @mcp.tool(annotations=ToolAnnotations(title="Set egress policy", read_only_hint=False, destructive_hint=False,
+                                          idempotent_hint=True, open_world_hint=False))
+    async def update_network(ctx: Context, sandbox_id: Annotated[str, Field(description="The sandbox's id.")],
+                             allow_out: Annotated[list[str], Field(description=(
+                                 "CIDRs, IPs or domain names (`*.example.com` ok) it may reach; an allow beats "
+                                 "a deny."))] = [],  # noqa: B006 - the schema's default, never mutated
+                             deny_out: Annotated[list[str], Field(description=(
+                                 "CIDRs or IPs it may not reach (`0.0.0.0/0`: everything not allowed)."))] = [],  # noqa: B006
+                             internet: Annotated[bool | None, Field(description=(
+                                 "False: deny everything not allowed."))] = None) -> EgressPolicyInfo:
+        """Replace a sandbox's egress policy while it runs (all of it, as E2B's update_network). Returns the
+        policy as applied."""
+        with tool_errors():
+            key = caller(ctx, engine)
+            egress = {"allow_out": list(allow_out), "deny_out": list(deny_out)}
+            applied = await anyio.to_thread.run_sync(lambda: engine.update_network(sandbox_id, egress, internet, key))
+            return EgressPolicyInfo(allow_out=applied["allow_out"], deny_out=applied["deny_out"])
 
     @mcp.tool(annotations=ToolAnnotations(title="List listening ports", read_only_hint=True, open_world_hint=False))
     async def list_ports(ctx: Context, sandbox_id: Annotated[str, Field(description="The sandbox's id.")]
