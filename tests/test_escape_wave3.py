@@ -339,9 +339,6 @@ print(open("/w3/a\nb").read(), open("/w3/..\x01..").read(), os.readlink("/w3/hos
         engine.snapshots.delete(snap.id)
 
 
-@pytest.mark.xfail(strict=True, reason="volume mount path made a symlink in the sandbox's OWN layer before a "
-                   "filesystem resume: crun follows it (here over /.shoal); a fix must check the upper's path "
-                   "(lstat walk from an O_NOFOLLOW dir fd while nothing runs) before the resume's crun run")
 def test_volume_mount_point_made_a_symlink_before_a_restart(engine: Engine, new_sandbox) -> None:  # noqa: ANN001
     from shoal.engine.models import PauseMode
     vol = engine.volumes.create(f"w3-{secrets.token_hex(3)}", 16)

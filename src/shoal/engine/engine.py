@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from shoal import refill
 from shoal.engine.admission import HostCapacity
 from shoal.engine.keys import ApiKey, KeyStore
 from shoal.engine.limits import LIMITS
@@ -191,23 +192,24 @@ class Engine:
                         raise InvalidRequest(f"volume mount path {m['path']}: {link} is a symlink in the "
                                              "sandbox's template or snapshot")
                 self.store.put(rec)
-        try:
-            lease = None
-            volume_mounts = self.volumes.attach(rec)
-            if self.network is not None and network:
-                lease = self.network.claim(rec.id, internet=internet is not False, lower_dir=lower,
-                                           **self._private_nets(rec), **net_rules)
-                rec.address, rec.address6, rec.internet = lease.ipv4, lease.ipv6, lease.internet
-            self.runtime.create(SandboxSpec(rec.id, template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
-                                            env={**(lease.env if lease else {}), **rec.env}, layer=rec.layer,
-                                            volumes=volume_mounts, lower_layers=snap_layers,
-                                            **self._net_spec(rec.id, lease)))
-        except BaseException:
-            self._release_net(rec.id)
-            self.store.delete(rec.id)
-            if rec.volumes:
-                self.volumes.release()
-            raise
+        with refill.creating():  # the pools refill after this, not beside it (shoal/refill.py)
+            try:
+                lease = None
+                volume_mounts = self.volumes.attach(rec)
+                if self.network is not None and network:
+                    lease = self.network.claim(rec.id, internet=internet is not False, lower_dir=lower,
+                                               **self._private_nets(rec), **net_rules)
+                    rec.address, rec.address6, rec.internet = lease.ipv4, lease.ipv6, lease.internet
+                self.runtime.create(SandboxSpec(rec.id, template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
+                                                env={**(lease.env if lease else {}), **rec.env}, layer=rec.layer,
+                                                volumes=volume_mounts, lower_layers=snap_layers,
+                                                **self._net_spec(rec.id, lease)))
+            except BaseException:
+                self._release_net(rec.id)
+                self.store.delete(rec.id)
+                if rec.volumes:
+                    self.volumes.release()
+                raise
         rec.state = SandboxState.RUNNING
         if owner_pid is None:  # persistent: nobody owns it once it runs
             rec.owner_pid = rec.owner_start = None

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shoal import refill
 from shoal.errors import CapacityExceeded, RuntimeFailure
 from shoal.net import names, nft, owners, slotns
 from shoal.net.config import NetConfig
@@ -318,6 +319,7 @@ class Network:
                     self._pool_cv.wait(quiet)
             if self._closed:
                 return
+            refill.wait_between_creates()  # never beside a create of this process (shoal/refill.py)
             try:
                 slot = self._new_slot()
             except Exception:  # noqa: BLE001 - full subnet or a transient failure: retry later

@@ -22,6 +22,7 @@ import threading
 import weakref
 from pathlib import Path
 
+from shoal import refill
 from shoal.host_processes import process_start_time
 from shoal.runtime.linux import mounts
 
@@ -92,6 +93,7 @@ class ReadyLayers:
                     return
                 size = self._wanted()
             assert size is not None
+            refill.wait_between_creates()  # never beside a create of this process (shoal/refill.py)
             try:
                 name = self._make(size)
             except Exception:  # noqa: BLE001 - a create mounts its own layer then; try again on the next take

@@ -33,6 +33,7 @@ from shoal.runtime.linux import budgets, cgroups, mounts, oci, oom, userns_pool
 from shoal.settings import Settings
 from shoal.storage import ready_layers
 from shoal.storage.layers import DiskUsage, WritableLayers
+from shoal.storage.mount_points import symlink_on_path
 
 INSTANCE_MARK = "instance"
 
@@ -141,6 +142,13 @@ class LinuxRuntime:
                 if not (upper / d).is_dir() or (upper / d).is_symlink():
                     raise RuntimeFailure(f"the writable layer of {spec.sandbox_id} has no {d}/ directory",
                                          "writable layer", spec.sandbox_id)
+            # The sandbox wrote this layer: a volume's mount point may now be a symlink (``/x -> /.shoal``),
+            # which crun would follow. Nothing runs in the sandbox now, so the lstat walk cannot be raced.
+            for _, dest, _ in spec.volumes:
+                link = symlink_on_path([upper / "upper"], dest)
+                if link is not None:
+                    raise Conflict(f"sandbox {spec.sandbox_id}: volume mount point {dest} is under a symlink the "
+                                   f"sandbox made ({link}); move it away inside the sandbox's files or drop the volume")
             return
         ready_layers.prepare(upper, base)  # done already if the layer was mounted ahead of time
         etc_lower = spec.lower_dir / "etc"

@@ -23,6 +23,7 @@ import time
 import weakref
 from pathlib import Path
 
+from shoal import refill
 from shoal.host_processes import process_start_time
 from shoal.runtime.linux import mounts
 from shoal.runtime.linux.userns_maker import UsernsMaker
@@ -74,6 +75,7 @@ class UsernsPool:
                     self._cv.wait(timeout=max(wait, 0.05) if len(self._ready) < self.size else None)
                 if self._closed:
                     return
+            refill.wait_between_creates()  # never beside a create of this process (shoal/refill.py)
             try:
                 path = self._make()
             except OSError:

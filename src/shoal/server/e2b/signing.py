@@ -84,7 +84,7 @@ def expired(expiration: str | None, created_at: float, now: float | None = None)
                     f"({MAX_LIFETIME_ENV}): sign it with an expiration")
         return None
     if exp < now:
-        return "this file URL has expired"
+        return "signature is already expired"  # envd's own words (E2B's tests compare them)
     if exp > now + limit + CLOCK_SKEW:
         return f"this file URL expires more than {limit} s from now ({MAX_LIFETIME_ENV})"
     return None
