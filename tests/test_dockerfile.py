@@ -124,6 +124,7 @@ def test_copy_honours_dockerignore_and_chown(engine: Engine, new_sandbox, names,
     ("COPY ../outside /x", "leaves the build context"),
     ("COPY /etc/passwd /x", "relative to the build context"),
     ("COPY escape/passwd /x", "leaves the build context"),
+    ("COPY escape/ /x", "leaves the build context"),
     ("COPY missing /x", "does not exist"),
 ])
 def test_copy_path_traversal_refused(engine: Engine, names, tmp_path: Path, copy: str, why: str) -> None:  # noqa: ANN001
@@ -136,6 +137,21 @@ def test_copy_path_traversal_refused(engine: Engine, names, tmp_path: Path, copy
         _build(engine, name, ctx, f"FROM minimal\n{copy}\n")
     assert not (engine.templates.settings.templates_dir / name).exists()
     assert _build_sandboxes(engine) == []
+
+
+def test_copy_of_a_symlink_copies_the_link_never_its_target(engine: Engine, new_sandbox, names,  # noqa: ANN001
+                                                             tmp_path: Path) -> None:
+    """A source that is itself a symlink lands as the link (Docker's and E2B's rule), wherever it points:
+    an absolute link into the context (E2B's SDK uploads such), or out of it to a host directory."""
+    ctx = tmp_path / "ctx"
+    (ctx / "folder").mkdir(parents=True)
+    (ctx / "folder" / "test.txt").write_text("in context\n")
+    (ctx / "folder" / "abs.txt").symlink_to(ctx / "folder" / "test.txt")
+    (ctx / "etc-link").symlink_to("/etc")
+    name = names()
+    _build(engine, name, ctx, "FROM minimal\nCOPY folder/* /folder/\nCOPY etc-link /x\n")
+    out = _run(engine, new_sandbox, name, "readlink /folder/abs.txt; cat /folder/test.txt; readlink /x")
+    assert out.splitlines() == [str(ctx / "folder" / "test.txt"), "in context", "/etc"]
 
 
 def test_add_local_tar_extracts_through_the_layer_code(engine: Engine, new_sandbox, names,  # noqa: ANN001

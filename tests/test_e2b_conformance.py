@@ -243,13 +243,35 @@ def test_command_stream_is_aborted_when_the_sandbox_is_killed(new_sbx) -> None: 
     assert "sandbox was killed or reached its end of life" in str(exc_info.value)
 
 
+def test_async_command_stream_is_aborted_when_the_sandbox_is_killed(e2b_env) -> None:  # noqa: ANN001
+    """The async SDK reads through pyqwest, which calls a close after part of a chunked body a protocol
+    error (then "timeout" advice); the daemon resets the connection instead, which it reads as the
+    transport failing, and after its health probe says the sandbox was killed."""
+    import asyncio
+
+    from e2b import AsyncSandbox
+
+    async def main() -> str:
+        sb = await AsyncSandbox.create(TEMPLATE, timeout=300)
+        try:
+            cmd = await sb.commands.run("sleep 60", background=True)
+            await sb.kill()
+            with pytest.raises(TimeoutException) as exc_info:
+                await cmd.wait()
+            return str(exc_info.value)
+        finally:
+            await AsyncSandbox.kill(sb.sandbox_id)
+
+    assert "sandbox was killed or reached its end of life" in asyncio.run(main())
+
+
 def test_raw_stream_ends_without_an_end_frame_when_killed(new_sbx, e2b_env) -> None:  # noqa: ANN001
     """On the wire: the Connect response is cut mid-body (no end envelope, no error envelope)."""
     sb = new_sbx(timeout=300)
     body = json.dumps({"process": {"cmd": "/bin/sh", "args": ["-c", "echo up; sleep 60"]}}).encode()
     frames: list[tuple[int, bytes]] = []
     headers = {**_envd_headers(sb), "Content-Type": "application/connect+json"}
-    with pytest.raises(httpx.RemoteProtocolError), httpx.stream(
+    with pytest.raises(httpx.ReadError), httpx.stream(  # a TCP reset (pyqwest reads a bare close as protocol error)
             "POST", e2b_env["E2B_API_URL"] + "/process.Process/Start", headers=headers, timeout=60,
             content=struct.pack("!BI", 0, len(body)) + body) as r:
         assert r.status_code == 200
@@ -279,3 +301,21 @@ def test_sudo_works_in_base(sbx: Sandbox) -> None:
     assert sbx.commands.run("whoami").stdout.strip() == "user"
     assert sbx.commands.run("sudo -n whoami").stdout.strip() == "root"
     assert sbx.commands.run("sudo -n id -u").stdout.strip() == "0"
+
+
+def test_filesystem_only_pause_is_a_cold_boot_that_keeps_files(new_sbx) -> None:  # noqa: ANN001
+    """``pause(keep_memory=False)``: every process stops, the files stay, and the resume is a new boot
+    (E2B's SDK reads /proc/sys/kernel/random/boot_id to check); a plain pause keeps the boot."""
+    sb = new_sbx(timeout=300)
+    sb.files.write("/home/user/marker.txt", "persisted")
+    sb.commands.run("sleep 600", background=True)
+    first = sb.files.read("/proc/sys/kernel/random/boot_id").strip()
+    assert sb.pause()
+    sb.connect()
+    assert sb.files.read("/proc/sys/kernel/random/boot_id").strip() == first
+    assert sb.pause(keep_memory=False)
+    assert not sb.is_running()
+    sb.connect()
+    assert sb.files.read("/home/user/marker.txt") == "persisted"
+    assert sb.files.read("/proc/sys/kernel/random/boot_id").strip() != first
+    assert "sleep 600" not in sb.commands.run("ps ax").stdout

@@ -73,6 +73,26 @@ def test_filesystem_pause_stops_processes_and_frees_memory(engine: Engine, new_s
     assert "sleep 1000" not in engine.agent(sid).run(["ps"]).stdout
 
 
+def test_boot_id_is_the_sandboxs_own_and_new_at_each_start(engine: Engine, new_sandbox: Callable[..., str]) -> None:
+    """Inside, ``/proc/sys/kernel/random/boot_id`` is the record's boot id, never the host's; a filesystem
+    resume is a new boot (E2B's SDK checks that a filesystem-only resume cold-booted), a memory pause is not."""
+    def inside(sid: str) -> str:
+        return engine.agent(sid).run(["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip()
+
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        host = f.read().strip()
+    a, b = new_sandbox(), new_sandbox()
+    first = inside(a)
+    assert first == engine.get(a).boot_id and first != host and first != inside(b)
+    assert engine.agent(a).run(["sh", "-c", "echo x > /proc/sys/kernel/random/boot_id"]).exit_code != 0
+    engine.pause(a)
+    engine.resume(a)
+    assert inside(a) == first
+    engine.pause(a, mode="filesystem")
+    engine.resume(a)
+    assert inside(a) == engine.get(a).boot_id != first
+
+
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -200,9 +200,10 @@ class Engine:
                     lease = self.network.claim(rec.id, internet=internet is not False, lower_dir=lower,
                                                **self._private_nets(rec), **net_rules)
                     rec.address, rec.address6, rec.internet = lease.ipv4, lease.ipv6, lease.internet
+                boot_id = str(uuid.uuid4())
                 self.runtime.create(SandboxSpec(rec.id, template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
                                                 env={**(lease.env if lease else {}), **rec.env}, layer=rec.layer,
-                                                volumes=volume_mounts, lower_layers=snap_layers,
+                                                volumes=volume_mounts, lower_layers=snap_layers, boot_id=boot_id,
                                                 **self._net_spec(rec.id, lease)))
             except BaseException:
                 self._release_net(rec.id)
@@ -213,7 +214,7 @@ class Engine:
         rec.state = SandboxState.RUNNING
         if owner_pid is None:  # persistent: nobody owns it once it runs
             rec.owner_pid = rec.owner_start = None
-        rec.started_at, rec.boot_id = time.time(), str(uuid.uuid4())
+        rec.started_at, rec.boot_id = time.time(), boot_id
         self._oom_seen[rec.id] = 0
         self.store.put(rec)
         self._emit(SandboxEvent.CREATED, rec)
@@ -364,10 +365,11 @@ class Engine:
                                        **self._private_nets(rec))
             rec.address, rec.address6, claimed = lease.ipv4, lease.ipv6, True
             net = self._net_spec(rec.id, lease)
+        boot_id = str(uuid.uuid4())  # a new boot: what the sandbox reads in /proc/sys/kernel/random/boot_id
         try:
             self.runtime.create(SandboxSpec(rec.id, rec.template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
                                             env=rec.env, layer=rec.layer, keep_files=True,
-                                            volumes=self.volumes.attach(rec), **net,
+                                            volumes=self.volumes.attach(rec), **net, boot_id=boot_id,
                                             lower_layers=self.snapshots.lowers(rec.snapshot) if rec.snapshot else ()))
         except BaseException:
             if claimed:
@@ -375,7 +377,7 @@ class Engine:
             if rec.volumes:
                 self.volumes.release()
             raise
-        rec.started_at, rec.boot_id = time.time(), str(uuid.uuid4())
+        rec.started_at, rec.boot_id = time.time(), boot_id
         self._oom_seen[rec.id] = 0
 
     @contextmanager

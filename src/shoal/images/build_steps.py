@@ -199,9 +199,16 @@ def _confined_source(context: Path, name: str) -> Path:
         raise InvalidRequest(f"COPY source {name!r} leaves the build context ('..' is not allowed)")
     root = context.resolve()
     path = root / name
-    real = Path(os.path.realpath(path))
-    if real != root and root not in real.parents:
-        raise InvalidRequest(f"COPY source {name!r} leaves the build context (a symlink points outside it)")
+    if path == root:
+        return path
+    # The directories on the way must stay inside; a source that is itself a symlink is copied as the
+    # link (Docker's and E2B's rule: never followed, its target is the sandbox's business).
+    parent = Path(os.path.realpath(path.parent))
+    as_link = os.path.islink(path) and not name.endswith("/")  # "link/" asks for what it points to
+    real = parent if as_link else Path(os.path.realpath(path))
+    for resolved in (parent, real):
+        if resolved != root and root not in resolved.parents:
+            raise InvalidRequest(f"COPY source {name!r} leaves the build context (a symlink points outside it)")
     return path
 
 
@@ -223,7 +230,7 @@ def select(context: Path | None, sources: list[str], ignore: Ignore) -> list[tup
         for match in matches:
             src = _confined_source(root, match.relative_to(root).as_posix() if match != root else ".")
             entries: list[ContextEntry] = []
-            if src.is_dir():
+            if src.is_dir() and not src.is_symlink():
                 for dirpath, dirnames, filenames in os.walk(src):  # never follows directory symlinks
                     dirnames.sort()
                     for name in sorted(dirnames) + sorted(filenames):
@@ -239,7 +246,7 @@ def select(context: Path | None, sources: list[str], ignore: Ignore) -> list[tup
                 count += 1
             if count > MAX_CONTEXT_ENTRIES:
                 raise InvalidRequest(f"COPY would copy more than {MAX_CONTEXT_ENTRIES} entries")
-            out.append((match.name if not src.is_dir() else "", entries))
+            out.append((match.name if not src.is_dir() or src.is_symlink() else "", entries))
     return out
 
 

@@ -37,6 +37,9 @@ class SandboxSpec:
     volumes: tuple[tuple[str, str, bool], ...] = ()
     #: Read-only layers stacked above ``lower_dir``, top first (mounted snapshots, ``engine/snapshots.py``).
     lower_layers: tuple[Path, ...] = ()
+    #: What ``/proc/sys/kernel/random/boot_id`` says inside: the sandbox's own, new at every start (a
+    #: filesystem-only resume is a new boot, as E2B's SDK checks), never the host's.
+    boot_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,12 @@ carried a key (``Authorization`` or ``X-API-Key``) was answered with a status be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -145,6 +148,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
+    def reset(self) -> None:
+        """Drop the connection with a TCP reset. Offered to the app as the ASGI extension ``shoal.reset``:
+        a response cut short by a close after part of a chunked body reads to some HTTP clients (pyqwest,
+        under E2B's async SDK) as a protocol error, a reset to all of them as the transport failing, which
+        is what a sandbox dying under a stream must look like."""
+        self._disarm()
+        if self.transport is None or self.transport.is_closing():
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
     def handle_websocket_upgrade(self) -> None:
         self._disarm()
         self.guard.forget(self)  # the WebSocket protocol owns the connection from here on
@@ -179,6 +196,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self.scope.setdefault("extensions", {})["shoal.reset"] = {"reset": self.reset}  # type: ignore[typeddict-item]
         self.headers_pending = False
         self.in_request, self.body_complete = True, False
         super().on_headers_complete()

@@ -36,7 +36,7 @@ CPU_PERIOD_US = 100_000
 
 
 def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int, cgroup: str,
-           userns: str | None = None) -> dict:
+           userns: str | None = None, boot_id_file: str | None = None) -> dict:
     """The bundle's ``config.json``; ``cgroup`` names the sandbox's group (``shoal-<instance>-<id>``).
 
     ``userns``: a user namespace to join (``budgets.make_userns``: it maps sandbox root to ``uid_base``
@@ -88,6 +88,9 @@ def config(spec: SandboxSpec, runtime_dir: str, uid_base: int, uid_count: int, c
             *({"destination": dest, "type": "bind", "source": source,
                "options": ["rbind", "nosuid", "nodev", "ro" if read_only else "rw"]}
               for source, dest, read_only in spec.volumes),
+            # The sandbox's own boot id (``SandboxSpec.boot_id``) over the host's.
+            *([{"destination": "/proc/sys/kernel/random/boot_id", "type": "bind", "source": boot_id_file,
+                "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}] if boot_id_file else []),
         ],
         "linux": {
             **({} if userns else {

@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
 
 from shoal.errors import CapacityExceeded, Conflict, RuntimeFailure, ShoalError, from_errno
@@ -112,8 +113,10 @@ class LinuxRuntime:
             step = "user namespace"
             os.symlink(self.userns_pool.claim(), bundle / "userns")  # see userns_pool: made ahead of time
             step = "config"
+            boot_id = bundle / "boot_id"
+            boot_id.write_text((spec.boot_id or str(uuid.uuid4())) + "\n")
             cfg = oci.config(spec, str(self.runtime_dir()), self.settings.uid_base, self.settings.uid_count,
-                             cgroup=self.container(sid), userns=str(bundle / "userns"))
+                             cgroup=self.container(sid), userns=str(bundle / "userns"), boot_id_file=str(boot_id))
             (bundle / "config.json").write_text(json.dumps(cfg))
             step = "crun run"
             self._run(sid, bundle)

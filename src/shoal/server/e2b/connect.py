@@ -188,10 +188,12 @@ class ServerStream:
     """The answer of a streaming call: 200 + envelopes + the end envelope. ``send_message`` after the
     client left raises ``ConnectError("canceled")``."""
 
-    def __init__(self, send: Callable[[dict], Awaitable[None]]) -> None:
+    def __init__(self, send: Callable[[dict], Awaitable[None]], scope: dict | None = None) -> None:
         self._send = send
         self.started = False
         self.closed = False
+        #: the server's ``shoal.reset`` extension (server/connections.py), if it offers one
+        self._reset = ((scope or {}).get("extensions") or {}).get("shoal.reset", {}).get("reset")
 
     async def _start(self) -> None:
         if not self.started:
@@ -215,6 +217,8 @@ class ServerStream:
             return
         self.closed = True
         await self._start()
+        if self._reset is not None:
+            self._reset()  # a TCP reset: every client reads it as the transport failing
 
     async def end(self, error: ConnectError | None = None) -> None:
         if self.closed:

@@ -17,8 +17,8 @@ the timeout, see ``autopause.py``; with ``autoResume.enabled`` the next request 
 ``volumeMounts`` (the key's volumes, ``volumes.py``), ``network.allowPublicTraffic`` (false: ``get_host``
 traffic needs the traffic token), ``network.allowOut/denyOut/rules`` and ``allow_internet_access`` (egress policy,
 ``egress.py``) are honoured; other fields (``mcp``,
-``iam``, the snapshot ``memory`` choice of pause/connect) are accepted and ignored: a paused Shoal
-sandbox always keeps its memory (its processes are frozen).
+``iam``) are accepted and ignored. Pause keeps the memory (the processes are frozen) unless
+``memory: false`` asks for a filesystem-only pause (every process stopped; resume cold-boots).
 
 The router reaches the daemon's one E2B wing as ``request.app.state.e2b`` (tokens, options store,
 auto-pause): nothing is kept on the engine or in module globals beyond the idempotency table.
@@ -420,10 +420,14 @@ async def refresh(sandbox_id: str, request: Request) -> Response:
 async def pause(sandbox_id: str, request: Request) -> Response:
     eng = _engine(request)
     key = _key(request)
+    body = await _body(request)
     rec = eng.get(sandbox_id, key)
     if rec.state is SandboxState.PAUSED:
         return e2b_error(409, f"sandbox {sandbox_id} is already paused")
-    await run_in_threadpool(eng.pause, sandbox_id, key)
+    # ``memory: false`` (the SDK's ``keep_memory=False``): stop every process and keep only the files;
+    # the resume is a cold boot (a new boot id). Otherwise the processes are frozen, memory kept.
+    mode = "filesystem" if body.get("memory") is False else "memory"
+    await run_in_threadpool(lambda: eng.pause(sandbox_id, key, mode=mode))
     return Response(status_code=204)
 
 

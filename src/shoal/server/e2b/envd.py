@@ -498,7 +498,7 @@ class EnvdApp:
             return
         streaming = headers.get("content-type", "").split(";")[0].strip().startswith("application/connect+")
         if name in _STREAMS:
-            out = c.ServerStream(send)
+            out = c.ServerStream(send, scope)
             try:
                 if not streaming:
                     raise c.ConnectError("invalid_argument", f"{name} is a streaming method")

@@ -353,6 +353,9 @@ class InterpreterApp:
                 # the response, so the server drops the connection mid-body. The SDK then checks the
                 # sandbox and says it was killed; a clean end would read as an empty, error-free result.
                 log.info("code interpreter response cut short", extra={"sandbox": scope.get("shoal.sandbox_id")})
+                reset = (scope.get("extensions") or {}).get("shoal.reset", {}).get("reset")
+                if reset is not None:
+                    reset()  # a TCP reset: every HTTP client reads it as the transport failing
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
