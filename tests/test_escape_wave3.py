@@ -358,3 +358,22 @@ def test_volume_mount_point_made_a_symlink_before_a_restart(engine: Engine, new_
             if any(m["id"] == vol.id for m in rec.volumes):
                 engine.destroy(rec.id)
         engine.volumes.remove(vol.name)
+
+
+def test_a_sparse_file_cannot_freeze_a_sandbox_through_a_snapshot(engine: Engine, new_sandbox) -> None:  # noqa: ANN001
+    """Sandbox root makes a 1 TiB sparse file (a few KiB on disk): a snapshot would read a terabyte of zeros
+    with the sandbox frozen and a daemon thread held. It is refused at once, nothing is left, the sandbox
+    runs on."""
+    from shoal.errors import Conflict
+
+    sid = new_sandbox()
+    assert engine.run(sid, ["sh", "-c", "truncate -s 1099511627776 /root/sparse && ln /root/sparse /root/again"]).exit_code == 0
+    before = {s.id for s in engine.snapshots.list()}
+    with pytest.raises(Conflict, match="sparse"):
+        engine.snapshots.create(sid)
+    assert {s.id for s in engine.snapshots.list()} == before
+    assert engine.get(sid).state.value == "running"
+    assert engine.run(sid, ["echo", "alive"]).stdout == "alive\n"
+    assert engine.run(sid, ["rm", "/root/sparse", "/root/again"]).exit_code == 0
+    snap = engine.snapshots.create(sid)  # once the sandbox removed it, a snapshot works
+    engine.snapshots.delete(snap.id)

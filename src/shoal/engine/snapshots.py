@@ -172,7 +172,8 @@ class Snapshots:
             if freeze:
                 eng.runtime.pause(rec.id)  # crun waits until every task is frozen
             try:
-                snap.size_bytes = self.images.write(eng.runtime.upper_dir(rec.id), snap.id, snap.to_dict())
+                snap.size_bytes = self.images.write(eng.runtime.upper_dir(rec.id), snap.id, snap.to_dict(),
+                                                    max_bytes=rec.disk_mb * 1024 * 1024)  # sparse files copy whole
             finally:
                 if freeze:
                     eng.runtime.thaw(rec.id)

@@ -64,9 +64,11 @@ class SnapshotImages:
         return self.mounts_dir / snapshot_id
 
     # --- writing ---------------------------------------------------------------------------------
-    def write(self, upper: Path, snapshot_id: str, meta: dict[str, object], mkfs: str | None = None) -> int:
+    def write(self, upper: Path, snapshot_id: str, meta: dict[str, object], mkfs: str | None = None,
+              max_bytes: int | None = None) -> int:
         """Make ``upper`` (the overlay's upper directory of a frozen sandbox) into the snapshot's image;
-        return its size. The snapshot's directory appears whole (temp dir + rename) or not at all."""
+        return its size. The snapshot's directory appears whole (temp dir + rename) or not at all.
+        ``max_bytes``: the most file data (apparent sizes) the image may hold; see ``apparent_size``."""
         mkfs = mkfs or shutil.which("mkfs.erofs")
         if not mkfs:
             raise RuntimeFailure("mkfs.erofs not found on the host; install it with: apt-get install erofs-utils",
@@ -84,6 +86,9 @@ class SnapshotImages:
         try:
             if not stat.S_ISDIR(os.fstat(fd).st_mode):
                 raise RuntimeFailure("the writable layer is not a directory", "snapshot")
+            if max_bytes is not None and apparent_size(fd, max_bytes) > max_bytes:
+                raise Conflict(f"the sandbox's files are larger than {max_bytes} bytes as a snapshot copies "
+                                       "them (sparse files are copied whole): remove or truncate them first")
             out = tmp / IMAGE_NAME
             try:
                 flags = [] if COMPRESSION == "none" else ["-zlz4"]
@@ -168,6 +173,27 @@ class SnapshotImages:
             shutil.rmtree(e.path, ignore_errors=True)
             gone.append(e.name)
         return gone
+
+
+def apparent_size(dir_fd: int, stop_after: int) -> int:
+    """The bytes ``mkfs.erofs`` would read from the tree at ``dir_fd``: regular files' apparent sizes,
+    each inode once. A sparse file holds little on disk and terabytes to a reader, which would keep the
+    sandbox frozen and a daemon thread busy until the timeout; so the total is bounded first. Walked
+    with directory fds and ``lstat`` only (the tree is the sandbox's: no link is followed); stops early
+    once past ``stop_after``."""
+    total, seen = 0, set()
+    for _, _, files, root_fd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
+        for name in files:
+            try:
+                st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+                if total > stop_after:
+                    return total
+    return total
 
 
 def _fsync_dir(path: Path) -> None:
