@@ -367,7 +367,9 @@ def test_a_sparse_file_cannot_freeze_a_sandbox_through_a_snapshot(engine: Engine
     from shoal.errors import Conflict
 
     sid = new_sandbox()
-    assert engine.run(sid, ["sh", "-c", "truncate -s 1099511627776 /root/sparse && ln /root/sparse /root/again"]).exit_code == 0
+    tib = 1 << 40
+    made = engine.run(sid, ["sh", "-c", f"truncate -s {tib} /root/sparse && ln /root/sparse /root/again"])
+    assert made.exit_code == 0
     before = {s.id for s in engine.snapshots.list()}
     with pytest.raises(Conflict, match="sparse"):
         engine.snapshots.create(sid)
