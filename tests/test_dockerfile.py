@@ -154,6 +154,19 @@ def test_copy_of_a_symlink_copies_the_link_never_its_target(engine: Engine, new_
     assert out.splitlines() == [str(ctx / "folder" / "test.txt"), "in context", "/etc"]
 
 
+def test_copy_of_a_wildcard_matching_several_files_makes_a_directory(engine: Engine, new_sandbox, names,  # noqa: ANN001
+                                                                     tmp_path: Path) -> None:
+    """Docker's rule (and E2B's ``copy("folder/*", "folder")``): several sources matched by a wildcard land
+    in the destination as a directory, even without a trailing '/'."""
+    ctx = tmp_path / "ctx"
+    (ctx / "folder").mkdir(parents=True)
+    for n in ("a.txt", "b.txt"):
+        (ctx / "folder" / n).write_text(n + "\n")
+    name = names()
+    _build(engine, name, ctx, "FROM minimal\nCOPY folder/* /dest\n")
+    assert _run(engine, new_sandbox, name, "cat /dest/a.txt /dest/b.txt").splitlines() == ["a.txt", "b.txt"]
+
+
 def test_add_local_tar_extracts_through_the_layer_code(engine: Engine, new_sandbox, names,  # noqa: ANN001
                                                        tmp_path: Path) -> None:
     import io

@@ -319,3 +319,20 @@ def test_filesystem_only_pause_is_a_cold_boot_that_keeps_files(new_sbx) -> None:
     assert sb.files.read("/home/user/marker.txt") == "persisted"
     assert sb.files.read("/proc/sys/kernel/random/boot_id").strip() != first
     assert "sleep 600" not in sb.commands.run("ps ax").stdout
+
+
+def test_auto_pause_without_memory_is_a_cold_boot(new_sbx) -> None:  # noqa: ANN001
+    """``lifecycle={"on_timeout": {"action": "pause", "keep_memory": False}}``: at the timeout the sandbox
+    is paused to its files, and connect cold-boots it (new boot id, files kept)."""
+    import time as _time
+
+    sb = new_sbx(timeout=3, lifecycle={"on_timeout": {"action": "pause", "keep_memory": False}})
+    sb.files.write("/home/user/marker.txt", "kept")
+    before = sb.files.read("/proc/sys/kernel/random/boot_id").strip()
+    deadline = _time.monotonic() + 30
+    while sb.get_info().state.value != "paused":
+        assert _time.monotonic() < deadline, "not paused at its timeout"
+        _time.sleep(0.2)
+    sb.connect()
+    assert sb.files.read("/home/user/marker.txt") == "kept"
+    assert sb.files.read("/proc/sys/kernel/random/boot_id").strip() != before

@@ -302,7 +302,8 @@ def _copy_step(engine: Engine, sandbox: str, p: _Planned, state: BuildConfig, co
             else:
                 plain.append(group)
         groups = plain
-    many = len(args["sources"]) > 1 or any(not g[0] for g in groups)
+    # Docker's rule: several sources, given or matched by a wildcard, make the destination a directory
+    many = len(args["sources"]) > 1 or len(p.groups or []) > 1 or any(not g[0] for g in groups)
     if groups:
         streams.append(copy_tar(groups, dest, many, uid, gid, args.get("mode")))
     with _frozen(engine, sandbox) as root:

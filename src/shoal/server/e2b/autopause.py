@@ -22,6 +22,9 @@ OPTION = "autoPause"
 #: E2B's ``lifecycle.auto_resume``: the pause at the timeout is a standby (``engine/standby.py``), which the
 #: next request through the gate undoes; without it only ``connect``/resume does.
 RESUME_OPTION = "autoResume"
+#: E2B's ``lifecycle.on_timeout.keep_memory=False`` (``autoPauseMemory: false``): the pause at the timeout
+#: is filesystem-only (every process stopped, memory freed; resume cold-boots; traffic never wakes it).
+FILESYSTEM_OPTION = "autoPauseFilesystem"
 
 
 class AutoPause:
@@ -33,9 +36,13 @@ class AutoPause:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def enable(self, sandbox_id: str, auto_resume: bool = False) -> None:
-        """``sandbox_id`` pauses at its timeout from now on (``auto_resume``: traffic wakes it)."""
-        self.options.update(sandbox_id, **{OPTION: True, **({RESUME_OPTION: True} if auto_resume else {})})
+    def enable(self, sandbox_id: str, auto_resume: bool = False, keep_memory: bool = True) -> None:
+        """``sandbox_id`` pauses at its timeout from now on (``auto_resume``: traffic wakes it; not
+        ``keep_memory``: the pause is filesystem-only)."""
+        extra = {RESUME_OPTION: True} if auto_resume and keep_memory else {}
+        if not keep_memory:
+            extra[FILESYSTEM_OPTION] = True
+        self.options.update(sandbox_id, **{OPTION: True, **extra})
         self.ensure()
 
     def resume_watch(self) -> None:
@@ -67,7 +74,10 @@ class AutoPause:
             if not options.get(OPTION):
                 continue
             try:
-                self.engine.pause(rec.id, reason=AUTO_RESUME if options.get(RESUME_OPTION) else None)
+                if options.get(FILESYSTEM_OPTION):
+                    self.engine.pause(rec.id, mode="filesystem")
+                else:
+                    self.engine.pause(rec.id, reason=AUTO_RESUME if options.get(RESUME_OPTION) else None)
                 paused.append(rec.id)
                 log.info("sandbox paused at its timeout (autoPause)", extra={"sandbox": rec.id})
             except ShoalError:

@@ -285,7 +285,8 @@ async def create(request: Request) -> JSONResponse:
     wing = request.app.state.e2b
     wing.port_access.set_public(rec.id, public, [])
     if auto_pause:
-        wing.autopause.enable(rec.id, auto_resume=_auto_resume(body))
+        wing.autopause.enable(rec.id, auto_resume=_auto_resume(body),
+                              keep_memory=body.get("autoPauseMemory") is not False)
     if idem:
         _idempotent[(key.id, idem)] = (now, rec.id)
     return JSONResponse(_sandbox(rec, request), status_code=201)
