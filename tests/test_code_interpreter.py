@@ -320,7 +320,8 @@ def e2b(daemon, engine) -> Iterator[None]:  # noqa: ANN001
 def sdk_sandbox(e2b: None) -> Iterator[object]:
     from e2b_code_interpreter import Sandbox
 
-    sbx = Sandbox.create(timeout=SANDBOX_TIMEOUT)  # the SDK's default template: code-interpreter-v1
+    sbx = Sandbox.create(timeout=SANDBOX_TIMEOUT,  # the SDK's default template: code-interpreter-v1
+                         envs={"SANDBOX_WIDE": "from create"})
     try:
         yield sbx
     finally:
@@ -549,9 +550,11 @@ def test_sdk_bash_r_and_java_contexts(sdk_sandbox) -> None:  # noqa: ANN001
     assert sdk_sandbox.run_code("Sys.getenv('FOO')", language="r", envs={"FOO": "bar"}).results[0].text == '[1] "bar"'
     assert sdk_sandbox.run_code("Sys.getenv('FOO', unset = 'default')", language="r").results[0].text == \
         '[1] "default"'
-    assert "".join(sdk_sandbox.run_code('System.out.println("Hello, World!")', language="java").logs.stdout) == \
-        "Hello, World!\n"
+    # E2B's Java kernel: println's line without its newline; the sandbox's env vars as system properties
+    assert sdk_sandbox.run_code('System.out.println("Hello, World!")', language="java").logs.stdout == \
+        ["Hello, World!"]
     assert sdk_sandbox.run_code('System.getProperty("user.dir")', language="java").text == "/home/user"
+    assert sdk_sandbox.run_code('System.getProperty("SANDBOX_WIDE")', language="java").text == "from create"
 
 
 def test_unknown_language_lists_what_the_sandbox_runs(interp: Interp, ci_sandbox: tuple[str, None]) -> None:

@@ -58,11 +58,20 @@ def test_template_build_end_to_end(e2b_env, daemon, engine, tmp_path: Path) -> N
         finally:
             sbx.kill()
 
-        # another key neither sees it as its own nor may delete it
+        # tags (E2B's Template.assign_tags/remove_tags): they name the template's one build
+        tagged = Template.assign_tags(f"{name}:v1", ["production", f"{name}:latest"])
+        assert set(tagged.tags) == {"production", "latest"} and str(tagged.build_id)
+        with pytest.raises(Exception):  # noqa: B017 - the SDK's exception type for a 400 varies by version
+            Template.assign_tags(f"{name}:v1", ":invalid-tag")
+        Template.remove_tags(name, ["production"])
+
+        # another key neither sees it as its own nor may delete it, nor tag it
         _, other = KeyStore(engine.settings.db_path).create(f"other-{secrets.token_hex(3)}")
         headers = {"X-API-KEY": e2b_form(other)}
         assert httpx.get(f"{daemon.url}/templates/aliases/{name}", headers=headers).status_code == 403
         assert httpx.delete(f"{daemon.url}/templates/{name}", headers=headers).status_code == 403
+        assert httpx.post(f"{daemon.url}/templates/tags", headers=headers,
+                          json={"target": name, "tags": ["x"]}).status_code == 403
     finally:
         r = httpx.delete(f"{daemon.url}/templates/{name}", headers={"X-API-KEY": e2b_form(daemon.key)})
     assert r.status_code == 204, r.text

@@ -148,7 +148,15 @@ class Context:
         extra = PYTHON_KERNEL_ARGS if self.language == "python" else []
         await self.km.start_kernel(cwd=self.cwd, extra_arguments=extra)
         await self._connect()
+        await self._sandbox_env()
         self.ready.set()
+
+    async def _sandbox_env(self) -> None:
+        """A JVM cannot see later changes to its environment, so E2B's Java contexts read the sandbox's env
+        vars as system properties: set them once the kernel is up (other kernels inherit the environment)."""
+        if self.language == "java" and self.kc is not None:
+            env = dict(list(os.environ.items())[:512])
+            await self._run(languages.env_code("java", env), True, lambda line: None)
 
     async def _connect(self) -> None:
         kc = self.km.client()
@@ -194,6 +202,7 @@ class Context:
             await self._disconnect()
             await self.km.restart_kernel(now=True)
             await self._connect()
+            await self._sandbox_env()
         finally:
             self.ready.set()  # even after a failure: waiting executions then report it
 
@@ -257,8 +266,11 @@ class Context:
                         emit(error_line(content.get("ename", ""), content.get("evalue", ""),
                                         content.get("traceback", [])))
                 elif kind == "stream":
+                    text = content.get("text", "")
+                    if self.language == "java" and text.endswith("\n"):
+                        text = text[:-1]  # E2B's Java kernel reports println's line without its newline
                     emit({"type": "stderr" if content.get("name") == "stderr" else "stdout",
-                          "text": content.get("text", ""), "timestamp": _timestamp(msg)})
+                          "text": text, "timestamp": _timestamp(msg)})
                 elif kind == "execute_result":
                     emit(result_line(content.get("data", {}), True))
                 elif kind == "display_data":

@@ -277,6 +277,52 @@ def _template_json(name: str, meta: dict, info: object) -> dict:
             "envdVersion": ENVD_VERSION, "buildStatus": "ready" if getattr(info, "built", False) else "error"}
 
 
+#: A tag: what E2B's ``name:tag`` carries after the colon.
+TAG_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+
+def _tags(template: str, raw: object) -> list[str]:
+    """E2B's tags (``tag`` or ``<template>:tag``), checked; a tag naming another template is refused."""
+    if not isinstance(raw, list) or not raw or len(raw) > 32:
+        raise InvalidRequest("tags must be a list of 1 to 32 tags")
+    out = []
+    for item in raw:
+        alias, colon, tag = item.rpartition(":") if isinstance(item, str) else ("", "", "")
+        if (colon and alias != template) or not TAG_RE.fullmatch(tag):
+            raise InvalidRequest(f"invalid tag {item!r}: a tag is 1-63 of a-z 0-9 . _ - (optionally "
+                                 f"'{template}:<tag>')")
+        out.append(tag)
+    return list(dict.fromkeys(out))
+
+
+def _build_uuid(name: str, meta: dict) -> str:
+    """The template's one build as a UUID (E2B's SDK parses it as one): Shoal keeps one build per template,
+    so every tag of a template names its current build."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"shoal-template:{name}:{meta.get('digest') or ''}"))
+
+
+@router.post("/templates/tags", status_code=201)
+async def assign_tags(request: Request) -> JSONResponse:
+    """E2B's ``Template.assign_tags(target, tags)``: the tags name the target template's current build."""
+    key = _key(request)
+    body = await _body(request)
+    name = _name(body.get("target"))
+    found = _visible(request, name, key, own=True)
+    tags = _tags(name, body.get("tags"))
+    return JSONResponse({"tags": tags, "buildID": _build_uuid(name, found["meta"])}, status_code=201)
+
+
+@router.delete("/templates/tags", status_code=204)
+async def remove_tags(request: Request) -> Response:
+    """E2B's ``Template.remove_tags(name, tags)``: checked like an assignment (nothing is kept per tag)."""
+    key = _key(request)
+    body = await _body(request)
+    name = _name(body.get("name"))
+    _visible(request, name, key, own=True)
+    _tags(name, body.get("tags"))
+    return Response(status_code=204)
+
+
 @router.post("/v3/templates", status_code=202)
 @router.post("/v2/templates", status_code=202)
 async def request_build(request: Request) -> JSONResponse:
