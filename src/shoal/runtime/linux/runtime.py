@@ -113,7 +113,9 @@ class LinuxRuntime:
             step = "user namespace"
             os.symlink(self.userns_pool.claim(), bundle / "userns")  # see userns_pool: made ahead of time
             step = "config"
-            boot_id = bundle / "boot_id"
+            # At the writable layer's own top level (the sandbox sees only its upper/): its mountinfo then
+            # names the file by its path in the layer, "/boot_id", never a host path.
+            boot_id = bundle / "upper" / "boot_id"
             boot_id.write_text((spec.boot_id or str(uuid.uuid4())) + "\n")
             cfg = oci.config(spec, str(self.runtime_dir()), self.settings.uid_base, self.settings.uid_count,
                              cgroup=self.container(sid), userns=str(bundle / "userns"), boot_id_file=str(boot_id))

@@ -25,7 +25,7 @@ FEATURES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), what) 
     (r"^/(v[23]/)?templates(/|$)", "building and managing templates through the E2B API"),
     (r"^/volumes(/|$)", "volumes"),
     (r"^/secrets(/|$)", "secrets"),
-    (r"^/(v2/)?sandboxes(/|$)", "this sandbox call"),
+    (r"^/(v2/)?sandboxes(/[^/]+(/[a-z-]+)?)?/?$", "this sandbox call"),  # E2B's shapes, not any depth
     (r"^/teams(/|$)", "teams"),
     (r"^/access-tokens(/|$)|^/api-keys(/|$)", "managing keys through the E2B API"),
 ))
