@@ -251,13 +251,14 @@ def _populate_base(tree: Path, log: Log, cache_dir: Path) -> None:
 
 # --- code-interpreter-v1: base + Jupyter kernel and the data stack ---------------------------------
 
-#: What E2B's ``code-interpreter-v1`` promises, pinned. Installed into the sandbox's system Python
+#: What E2B's ``code-interpreter-v1`` promises, pinned (matplotlib 3.10: E2B's own chart tests still call
+#: ``boxplot(labels=...)``, which 3.11 removed). Installed into the sandbox's system Python
 #: (/usr/local/lib/python3.11/dist-packages) so that ``python3`` in a terminal sees them too.
 #: ``jupyter_client`` is all the kernel server (shoal/inside/kernel_server.py) needs; ``e2b-charts``
 #: is E2B's own chart extractor (``result.chart``, wired in by shoal/inside/python_startup.py, +7 MB
 #: with pydantic); ``bash_kernel`` is the Bash kernel (+1 MB); ``jjava`` the Java kernel (+5 MB).
 INTERPRETER_PACKAGES = ["ipykernel==7.4.0", "jupyter_client==8.10.0", "numpy==2.4.6", "pandas==3.1.1",
-                        "matplotlib==3.11.2", "e2b-charts==1.0.0", "bash_kernel==0.10.0", "jjava==1.0a8"]
+                        "matplotlib==3.10.9", "e2b-charts==1.0.0", "bash_kernel==0.10.0", "jjava==1.0a8"]
 #: E2B's other languages, from Debian (installed size): Node.js for JavaScript contexts (+88 MB; its
 #: Jupyter kernels need zeromq binaries from outside the registries, so shoal/inside/js_kernel.js
 #: drives node instead) and TypeScript's compiler for it (+67 MB), R with IRkernel (+134 MB), a JDK
@@ -382,7 +383,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("base", "Debian 12 (bookworm) minbase with bash, python3, pip, venv, git, curl, sudo",
                "2", _populate_base),
         Recipe("code-interpreter-v1", "base + Python, JavaScript, TypeScript, R, Bash and Java contexts, numpy, "
-               "pandas, matplotlib, e2b-charts: E2B's code interpreter", "3", _populate_code_interpreter,
+               "pandas, matplotlib, e2b-charts: E2B's code interpreter", "4", _populate_code_interpreter,
                parent="base"),
     )
 }
