@@ -64,6 +64,8 @@ MAX_BODY = 64 * 1024 * 1024
 LIVENESS_INTERVAL = 1.0
 #: After the kernel reports idle, how long to wait for a late execute_reply.
 REPLY_GRACE = 2.0
+#: Quiet time after a Java cell's end before it is over (its output can trail the end).
+JAVA_SETTLE = 0.2
 #: MIME type of a display bundle -> field of an E2B result.
 MIME_FIELDS = {
     "text/html": "html", "text/markdown": "markdown", "image/svg+xml": "svg", "image/png": "png",
@@ -239,9 +241,13 @@ class Context:
             self.running = msg_id
         idle = replied = errored = False
         try:
-            while not (idle and replied):  # outputs (iopub) may arrive after the reply (shell)
+            # Outputs (iopub) may arrive after the reply (shell); jjava's System.out even after "idle", so a
+            # Java cell is over only once nothing more came for JAVA_SETTLE seconds.
+            settle = JAVA_SETTLE if self.language == "java" else 0.0
+            while not (idle and replied and settle <= 0):
+                wait = settle if idle and replied else REPLY_GRACE if idle else LIVENESS_INTERVAL
                 try:
-                    channel, msg = await asyncio.wait_for(queue.get(), REPLY_GRACE if idle else LIVENESS_INTERVAL)
+                    channel, msg = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
                     if idle:
                         break  # the reply is late or lost; the kernel said it is done
