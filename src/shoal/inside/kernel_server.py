@@ -64,8 +64,9 @@ MAX_BODY = 64 * 1024 * 1024
 LIVENESS_INTERVAL = 1.0
 #: After the kernel reports idle, how long to wait for a late execute_reply.
 REPLY_GRACE = 2.0
-#: Quiet time after a Java cell's end before it is over (its output can trail the end).
-JAVA_SETTLE = 0.2
+#: Run silently after every Java cell: jjava can hold a cell's System.out until the next execution,
+#: which then carries it (its output is the cell's, and handed on as such).
+JAVA_FLUSH = "System.out.flush(); System.err.flush();"
 #: MIME type of a display bundle -> field of an E2B result.
 MIME_FIELDS = {
     "text/html": "html", "text/markdown": "markdown", "image/svg+xml": "svg", "image/png": "png",
@@ -241,13 +242,9 @@ class Context:
             self.running = msg_id
         idle = replied = errored = False
         try:
-            # Outputs (iopub) may arrive after the reply (shell); jjava's System.out even after "idle", so a
-            # Java cell is over only once nothing more came for JAVA_SETTLE seconds.
-            settle = JAVA_SETTLE if self.language == "java" else 0.0
-            while not (idle and replied and settle <= 0):
-                wait = settle if idle and replied else REPLY_GRACE if idle else LIVENESS_INTERVAL
+            while not (idle and replied):  # outputs (iopub) may arrive after the reply (shell)
                 try:
-                    channel, msg = await asyncio.wait_for(queue.get(), wait)
+                    channel, msg = await asyncio.wait_for(queue.get(), REPLY_GRACE if idle else LIVENESS_INTERVAL)
                 except TimeoutError:
                     if idle:
                         break  # the reply is late or lost; the kernel said it is done
@@ -306,6 +303,9 @@ class Context:
             if env_vars:
                 await self._run(languages.env_code(self.language, env_vars), True, lambda line: None)
             await self._run(code, False, emit)
+            if self.language == "java" and generation == self.generation and self.kc is not None:
+                await self._run(JAVA_FLUSH, True,
+                                lambda line: emit(line) if line.get("type") in ("stdout", "stderr") else None)
             if env_vars and generation == self.generation and self.kc is not None:
                 # Back to what the kernel inherited from this server, like E2B's global env vars.
                 await self._run(languages.env_code(self.language, {k: os.environ.get(k) for k in env_vars}), True,
