@@ -169,8 +169,8 @@ class WritableLayers:
 
     @staticmethod
     def mount_image(image: Path, target: Path) -> None:
-        """Attach ``image`` to a loop device and mount its ext4 on ``target``."""
-        fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+        """Attach ``image`` to a loop device and mount its ext4 on ``target`` (layers and volumes alike)."""
+        fd = os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             device, dev_fd = attach_loop(fd)
         finally:

@@ -29,7 +29,7 @@ from pathlib import Path
 from shoal.errors import Conflict, RuntimeFailure
 from shoal.runtime.linux import mounts
 from shoal.settings import Settings
-from shoal.storage.layers import EXT4_OPTIONS, DiskUsage, WritableLayers, attach_loop, loop_backing
+from shoal.storage.layers import DiskUsage, WritableLayers, loop_backing
 
 #: How long a mount waits for a loop device still held by a sandbox being torn down to go away.
 RELEASE_WAIT = 5.0
@@ -104,15 +104,7 @@ class VolumeImages:
         self.mount_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.mount_dir, 0o711)  # crun, inside the sandbox's user namespace, must reach the source
         target.mkdir(exist_ok=True)
-        fd = os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            device, dev_fd = attach_loop(fd)
-        finally:
-            os.close(fd)
-        try:
-            mounts.mount(device, target, "ext4", mounts.MS_NOSUID | mounts.MS_NODEV, EXT4_OPTIONS)
-        finally:
-            os.close(dev_fd)  # auto-clear: the device goes with the last unmount
+        WritableLayers.mount_image(image, target)  # loop (auto-clear) + ext4, as a sandbox's disk layer
         return target
 
     def unmount(self, volume_id: str) -> None:
