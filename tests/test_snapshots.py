@@ -259,3 +259,47 @@ def test_snapshot_becomes_a_template(engine, new_sandbox, daemon) -> None:  # no
             engine.templates.remove(name)
         except NotFound:
             pass
+
+
+def test_snapshot_compresses_only_what_pays(engine, new_sandbox) -> None:  # noqa: ANN001
+    """Random bytes are stored as they are (lz4 would cost ~10x the freeze time for nothing); text is
+    compressed. Read back whole either way."""
+    src = new_sandbox()
+    sh(engine, src, "head -c 8388608 /dev/urandom > /root/random; sha256sum /root/random > /root/sum")
+    plain = engine.snapshots.create(src)
+    assert plain.size_bytes > 8 * 1024 * 1024  # not compressed: the image holds the bytes as they are
+    sh(engine, src, "rm /root/random /root/sum; i=0; while [ $i -lt 4000 ]; do "
+                    "echo \"line $i of a very repetitive log file, the kind agents write all day\"; i=$((i+1)); "
+                    "done > /root/log; for n in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do "
+                    "cat /root/log; done > /root/big.log")
+    packed = engine.snapshots.create(src)
+    log_size = int(sh(engine, src, "stat -c %s /root/big.log"))
+    assert log_size > 5 * 1024 * 1024 and packed.size_bytes < log_size // 2  # compressed
+    child = new_sandbox(snapshot=plain.id)
+    assert sh(engine, child, "sha256sum -c /root/sum") == "/root/random: OK\n"
+    child2 = new_sandbox(snapshot=packed.id)
+    assert int(sh(engine, child2, "stat -c %s /root/big.log")) == log_size
+
+
+def test_survey_of_a_hostile_tree_never_blocks_or_follows(tmp_path) -> None:  # noqa: ANN001
+    """The compressibility sample reads the sandbox's files from the host: a FIFO must not block it, a
+    symlink must not lead it out of the tree, a sparse file must not make it read terabytes."""
+    from shoal.storage.snapshots import survey
+    tree = tmp_path / "upper"
+    tree.mkdir()
+    os.mkfifo(tree / "fifo")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"x" * (4 << 20))  # compressible: a followed link would sway the sample
+    (tree / "link").symlink_to(outside)
+    (tree / "random").write_bytes(os.urandom(8 << 20))
+    with open(tree / "sparse", "wb") as f:
+        f.truncate(1 << 40)
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        bounded = survey(fd, 256 << 20)
+        assert bounded.size > 256 << 20  # stopped at the bound: the sparse file is not read
+        os.unlink(tree / "sparse")
+        full = survey(fd, 256 << 20)  # a 1 MiB stride: 8 samples of the random file
+    finally:
+        os.close(fd)
+    assert full.size == 8 << 20 and full.raw == 8 * 16384 and not full.compressible() and full.mkfs_flags() == []

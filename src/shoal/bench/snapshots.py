@@ -1,8 +1,9 @@
 """Benchmarks of snapshots and fork (issue 10), each beside a floor of the same run.
 
-* ``snapshot_100mb_ms``: snapshot of a sandbox with 100 MB written (freeze, ``mkfs.erofs`` of its upper
-  tree, thaw) against the floor: ``mkfs.erofs`` of the same tree with the same flags, run directly
-  (goal p50 ≤ 300 ms). The data is incompressible (``/dev/urandom``): the worst case for lz4.
+* ``snapshot_100mb_ms``: snapshot of a sandbox with 100 MB written (freeze, survey, ``mkfs.erofs`` of its
+  upper tree, fsync, thaw) against the floor: ``mkfs.erofs`` of the same tree with the flags the snapshot
+  chose, run directly (goal p50 ≤ 300 ms). The data is incompressible (``/dev/urandom``): lz4 would cost
+  ~10x and save nothing, so ``auto`` stores it as is.
 * ``fork_per_child_ms``: one fork of 10 children after its snapshot, per child (goal p50 ≤ 50 ms),
   beside a plain create → first result of the same template.
 """
@@ -37,7 +38,11 @@ def run_snapshot_benchmarks(engine: Engine, template: str, iterations: int = 5) 
         engine.agent(rec.id).run(["sh", "-c", "mkdir /data; for i in 0 1 2 3 4 5 6 7 8 9; do "
                                               "head -c 10485760 /dev/urandom > /data/$i; done; sync"], timeout=300)
         snap_ms, floor_ms = [], []
-        flags = [] if snapshot_storage.COMPRESSION == "none" else ["-zlz4"]
+        upper_fd = os.open(engine.runtime.upper_dir(rec.id), os.O_RDONLY | os.O_DIRECTORY)
+        try:  # the flags the snapshot itself chooses (SHOAL_SNAPSHOT_COMPRESSION, default auto: none here)
+            flags = snapshot_storage.survey(upper_fd, rec.disk_mb << 20).mkfs_flags()
+        finally:
+            os.close(upper_fd)
         with tempfile.TemporaryDirectory(prefix="shoal-bench-erofs-") as tmp:
             for _ in range(max(3, iterations)):
                 t = time.perf_counter()

@@ -28,6 +28,8 @@ import os
 import shutil
 import stat
 import subprocess
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.errors import Conflict, RuntimeFailure, from_errno
@@ -41,10 +43,17 @@ META_NAME = "meta.json"
 TEMP_PREFIX = ".tmp-"
 #: mkfs.erofs of a sandbox's layer (at most its disk size) must finish within this (the sandbox is frozen).
 MKFS_TIMEOUT = 300.0
-#: ``lz4`` (default: the templates' flag) or ``none``: lz4 costs ~10x the time on incompressible data
-#: (100 MB of random bytes: 4.4 s against 0.47 s uncompressed on a busy 2-core host), the time the sandbox
-#: stays frozen; ``none`` trades host disk for that time.
-COMPRESSION = os.environ.get("SHOAL_SNAPSHOT_COMPRESSION", "lz4")
+#: ``auto`` (default), ``lz4`` or ``none``. mkfs.erofs 1.5's lz4 costs ~10x the time on incompressible
+#: data (100 MB of random bytes: 2.3 s against 0.2 s uncompressed), and that is time the sandbox stays
+#: frozen; ``auto`` samples the files first (``choose_compression``) and compresses only what pays.
+COMPRESSION = os.environ.get("SHOAL_SNAPSHOT_COMPRESSION", "auto")
+#: ``auto`` compresses when zlib level 1 shrinks the sampled bytes below this fraction: lz4 saves less than
+#: zlib, so above it lz4 would spend seconds to save a few percent of host disk.
+COMPRESS_BELOW = 0.85
+#: ``auto`` reads one chunk of this size per stride of file data...
+SAMPLE_BYTES = 16 * 1024
+#: ...at most this many chunks (a 16 MiB budget of reads whatever the tree).
+MAX_SAMPLES = 256
 
 
 class SnapshotImages:
@@ -86,12 +95,13 @@ class SnapshotImages:
         try:
             if not stat.S_ISDIR(os.fstat(fd).st_mode):
                 raise RuntimeFailure("the writable layer is not a directory", "snapshot")
-            if max_bytes is not None and apparent_size(fd, max_bytes) > max_bytes:
+            tree = survey(fd, max_bytes)
+            if max_bytes is not None and tree.size > max_bytes:
                 raise Conflict(f"the sandbox's files are larger than {max_bytes} bytes as a snapshot copies "
                                        "them (sparse files are copied whole): remove or truncate them first")
             out = tmp / IMAGE_NAME
             try:
-                flags = [] if COMPRESSION == "none" else ["-zlz4"]
+                flags = tree.mkfs_flags()
                 proc = subprocess.run([mkfs, *flags, "--quiet", str(out), f"/proc/self/fd/{fd}"], pass_fds=(fd,),
                                       capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL,
                                       timeout=MKFS_TIMEOUT, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
@@ -175,25 +185,80 @@ class SnapshotImages:
         return gone
 
 
-def apparent_size(dir_fd: int, stop_after: int) -> int:
-    """The bytes ``mkfs.erofs`` would read from the tree at ``dir_fd``: regular files' apparent sizes,
-    each inode once. A sparse file holds little on disk and terabytes to a reader, which would keep the
-    sandbox frozen and a daemon thread busy until the timeout; so the total is bounded first. Walked
-    with directory fds and ``lstat`` only (the tree is the sandbox's: no link is followed); stops early
-    once past ``stop_after``."""
-    total, seen = 0, set()
+@dataclass
+class Survey:
+    """What ``mkfs.erofs`` would read from a tree: ``size``, regular files' apparent sizes (each inode once),
+    and a sample of their bytes (``raw``) with its zlib level-1 size (``packed``)."""
+
+    size: int = 0
+    raw: int = 0
+    packed: int = 0
+
+    def compressible(self) -> bool:
+        """Whether lz4 pays: a small sample (a small tree) costs little either way."""
+        return self.raw < 64 * 1024 or self.packed < self.raw * COMPRESS_BELOW
+
+    def mkfs_flags(self) -> list[str]:
+        """``mkfs.erofs`` compression flags, per ``COMPRESSION``."""
+        if COMPRESSION == "none" or (COMPRESSION == "auto" and not self.compressible()):
+            return []
+        return ["-zlz4"]
+
+
+def survey(dir_fd: int, stop_after: int | None = None) -> Survey:
+    """One walk of the tree at ``dir_fd``: its size and, for ``COMPRESSION=auto``, a compressibility sample.
+
+    Size first: a sparse file holds little on disk and terabytes to a reader, which would keep the sandbox
+    frozen and a daemon thread busy until the timeout; so the walk stops once past ``stop_after``.
+    Samples: one chunk per stride of file data (a file holding most of the bytes holds most of the
+    samples), compressed with zlib level 1; random bytes, media and archives are stored as they are.
+
+    The tree is the sandbox's (frozen, hostile): walked with directory fds and ``lstat`` only (no link is
+    followed); a file is opened relative to its directory's fd with ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO
+    never blocks the host) and read only if it is a regular file."""
+    out, seen = Survey(), set()
+    stride = max(1 << 20, (stop_after or 1 << 30) // MAX_SAMPLES)
+    next_sample = 0
+    sampling = COMPRESSION == "auto"
     for _, _, files, root_fd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
         for name in files:
             try:
                 st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
             except OSError:
                 continue
-            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-                if total > stop_after:
-                    return total
-    return total
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            start, out.size = out.size, out.size + st.st_size
+            if stop_after is not None and out.size > stop_after:
+                return out
+            if not sampling or next_sample >= out.size:
+                continue
+            offsets = []
+            while next_sample < out.size and len(offsets) < 8:
+                offsets.append(max(0, min(next_sample - start, st.st_size - SAMPLE_BYTES)))
+                next_sample += stride
+            next_sample = max(next_sample, -(-out.size // stride) * stride)  # a huge file: 8 samples at most
+            chunk = _read_chunks(name, root_fd, offsets)
+            out.raw += len(chunk)
+            out.packed += len(zlib.compress(chunk, 1))
+            sampling = out.raw < MAX_SAMPLES * SAMPLE_BYTES
+    return out
+
+
+def _read_chunks(name: str, dir_fd: int, offsets: list[int]) -> bytes:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return b""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        return b"".join(os.pread(fd, SAMPLE_BYTES, off) for off in offsets)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
