@@ -350,7 +350,8 @@ class Engine:
 
     def _start_from_files(self, rec: SandboxRecord) -> None:
         try:
-            self.runtime.destroy(rec.id, keep_files=True)  # what a crashed pause or resume left running
+            if self.runtime.has_leftovers(rec.id):  # what a crashed pause or resume left running
+                self.runtime.destroy(rec.id, keep_files=True)
         except OSError as exc:
             raise RuntimeFailure(from_errno(exc, f"clearing what is left of sandbox {rec.id}").message,
                                  "resume", rec.id) from exc

@@ -30,10 +30,21 @@ def fork(engine: Engine, sandbox_id: str, count: int = 1, api_key: ApiKey | None
          timeout: float | None = None) -> list[SandboxRecord | ShoalError]:
     """``count`` (1..100) new sandboxes from ``sandbox_id``'s files; one entry per child, a record or the
     error that child met. ``timeout``: each child's expiry (default: the parent's remaining time)."""
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORKS:
-        raise InvalidRequest(f"count must be an integer from 1 to {MAX_FORKS}")
+    check_count(count)
     parent = engine.get(sandbox_id, api_key)
     snap = engine.snapshots.create(sandbox_id, None, api_key, internal=True)
+    return children(engine, parent, snap.id, count, api_key, timeout)
+
+
+def check_count(count: object) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORKS:
+        raise InvalidRequest(f"count must be an integer from 1 to {MAX_FORKS}")
+
+
+def children(engine: Engine, parent: SandboxRecord, snapshot_id: str, count: int, api_key: ApiKey | None = None,
+             timeout: float | None = None) -> list[SandboxRecord | ShoalError]:
+    """The second half of ``fork``: ``count`` sandboxes like ``parent`` on its internal snapshot, made
+    ``PARALLEL`` at a time; the snapshot goes with the last of them (now, if none was made)."""
     if timeout is None and parent.expires_at is not None:
         timeout = max(1.0, parent.expires_at - time.time())
 
@@ -43,14 +54,14 @@ def fork(engine: Engine, sandbox_id: str, count: int = 1, api_key: ApiKey | None
                                  disk_mb=parent.disk_mb, env=dict(parent.env), metadata=dict(parent.metadata),
                                  timeout=timeout, api_key=api_key, layer=parent.layer, internet=parent.internet,
                                  network=parent.address is not None, networks=list(parent.networks) or None,
-                                 snapshot=snap.id)
+                                 snapshot=snapshot_id)
         except ShoalError as exc:
             return exc
         except OSError as exc:
-            return RuntimeFailure(f"fork failed: {exc.strerror or exc}", "fork", sandbox_id)
+            return RuntimeFailure(f"fork failed: {exc.strerror or exc}", "fork", parent.id)
 
     try:
         with ThreadPoolExecutor(max_workers=min(count, PARALLEL), thread_name_prefix="shoal-fork") as pool:
             return list(pool.map(child, range(count)))
     finally:
-        engine.snapshots.collect(snap.id)  # none made: it goes now; else with the last child
+        engine.snapshots.collect(snapshot_id)  # none made: it goes now; else with the last child

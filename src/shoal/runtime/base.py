@@ -90,5 +90,9 @@ class Runtime(Protocol):
     def has_files(self, sandbox_id: str) -> bool:
         """True if the sandbox's files are kept on the host (it can start again from them)."""
 
+    def has_leftovers(self, sandbox_id: str) -> bool:
+        """True if anything of a stopped sandbox but its kept files is on the host."""
+        return True
+
     def disk_usage(self, sandbox_id: str) -> object | None:
         """Used/total bytes of the mounted writable layer (``.used``, ``.total``), or ``None``."""

@@ -53,6 +53,11 @@ def _dirs(name: str) -> list[Path]:
     return [ROOT / c / name for c in V1_CONTROLLERS if (ROOT / c / name).is_dir()]
 
 
+def exists(name: str) -> bool:
+    """Whether the group ``name`` is in any hierarchy."""
+    return bool(_dirs(name))
+
+
 def _controller_dir(controller: str, name: str) -> Path:
     return ROOT / name if mode() == "v2" else ROOT / controller / name
 

@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,8 +117,20 @@ def mounts_under(prefix: Path) -> list[Path]:
 
 
 def is_mounted(path: Path) -> bool:
-    """True if ``path`` itself is a mount point."""
-    return Path(path) in mounts_under(Path(path))
+    """True if ``path`` itself is a mount point.
+
+    A directory on another device than its parent is a mount's root: two ``lstat`` calls answer the
+    common case (a template's or snapshot's image, mounted), where reading ``/proc/self/mountinfo``
+    costs ~10 µs per mount on the host, i.e. milliseconds with many sandboxes, on every create. The same
+    device (a bind mount of the same filesystem, or nothing mounted) is settled by mountinfo."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_dev != os.lstat(path / "..").st_dev:  # a directory: ".." is its parent
+            return True
+    except OSError:
+        pass
+    return path in mounts_under(path)
 
 
 def umount_tree(prefix: Path) -> None:

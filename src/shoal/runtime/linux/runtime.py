@@ -249,6 +249,13 @@ class LinuxRuntime:
         if not keep_files:
             self.layers.remove(sandbox_id)
 
+    def has_leftovers(self, sandbox_id: str) -> bool:
+        """Whether anything of the sandbox but its kept files is on the host (a bundle, crun's state, a
+        cgroup): what a crashed pause or resume leaves, and ``destroy(keep_files=True)`` clears."""
+        name = self.container(sandbox_id)
+        return (self.bundle(sandbox_id).exists() or (self.settings.crun_root / name).exists()
+                or cgroups.exists(name))
+
     def _release_userns(self, bundle: Path) -> None:
         """Free the sandbox's user namespace file (the bundle links to it in ``<run>/userns``)."""
         try:
