@@ -146,6 +146,17 @@ class Engine:
         seconds before standby (``engine/standby.py``; None: the daemon's default, 0: never).
         ``egress``: its egress policy, ``net_limits``: bandwidth and connection cap (shoal.net.policy).
         """
+        with refill.creating():  # the pools refill after this and its first call, not beside them (shoal/refill.py)
+            return self._create(template, cpu, memory_mb, disk_mb, env, metadata, owner_pid, build, progress, wait,
+                                timeout, api_key, layer, internet, network, networks, name, volumes, standby_after,
+                                start, snapshot, egress, net_limits)
+
+    def _create(self, template: str, cpu: float, memory_mb: int, disk_mb: int, env: dict[str, str] | None,
+                metadata: dict[str, str] | None, owner_pid: int | None, build: bool, progress: Progress | None,
+                wait: bool, timeout: float | None, api_key: ApiKey | None, layer: str, internet: bool | None,
+                network: bool, networks: list[str] | None, name: str | None, volumes: list | None,
+                standby_after: float | None, start: bool, snapshot: str | None, egress: dict | None,
+                net_limits: dict | None) -> SandboxRecord:
         net_rules = egress_rules(egress, net_limits, internet)  # validated before anything is made
         if layer not in KINDS:
             raise InvalidRequest(f"layer must be one of {', '.join(KINDS)}, not {layer!r}")
@@ -192,25 +203,24 @@ class Engine:
                         raise InvalidRequest(f"volume mount path {m['path']}: {link} is a symlink in the "
                                              "sandbox's template or snapshot")
                 self.store.put(rec)
-        with refill.creating():  # the pools refill after this, not beside it (shoal/refill.py)
-            try:
-                lease = None
-                volume_mounts = self.volumes.attach(rec)
-                if self.network is not None and network:
-                    lease = self.network.claim(rec.id, internet=internet is not False, lower_dir=lower,
-                                               **self._private_nets(rec), **net_rules)
-                    rec.address, rec.address6, rec.internet = lease.ipv4, lease.ipv6, lease.internet
-                boot_id = str(uuid.uuid4())
-                self.runtime.create(SandboxSpec(rec.id, template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
-                                                env={**(lease.env if lease else {}), **rec.env}, layer=rec.layer,
-                                                volumes=volume_mounts, lower_layers=snap_layers, boot_id=boot_id,
-                                                **self._net_spec(rec.id, lease)))
-            except BaseException:
-                self._release_net(rec.id)
-                self.store.delete(rec.id)
-                if rec.volumes:
-                    self.volumes.release()
-                raise
+        try:
+            lease = None
+            volume_mounts = self.volumes.attach(rec)
+            if self.network is not None and network:
+                lease = self.network.claim(rec.id, internet=internet is not False, lower_dir=lower,
+                                           **self._private_nets(rec), **net_rules)
+                rec.address, rec.address6, rec.internet = lease.ipv4, lease.ipv6, lease.internet
+            boot_id = str(uuid.uuid4())
+            self.runtime.create(SandboxSpec(rec.id, template, lower, rec.cpu, rec.memory_mb, rec.disk_mb,
+                                            env={**(lease.env if lease else {}), **rec.env}, layer=rec.layer,
+                                            volumes=volume_mounts, lower_layers=snap_layers, boot_id=boot_id,
+                                            **self._net_spec(rec.id, lease)))
+        except BaseException:
+            self._release_net(rec.id)
+            self.store.delete(rec.id)
+            if rec.volumes:
+                self.volumes.release()
+            raise
         rec.state = SandboxState.RUNNING
         if owner_pid is None:  # persistent: nobody owns it once it runs
             rec.owner_pid = rec.owner_start = None
