@@ -133,6 +133,34 @@ def thaw(name: str) -> None:
         pass
 
 
+def freeze(name: str, timeout: float = 2.0) -> bool:
+    """Freeze every task of the group and wait until the kernel says all are frozen (what ``crun pause``
+    does, without starting a crun process: ~5 ms less on a snapshot's or a standby's path). False if the
+    group is not there or did not freeze in time (the caller falls back to crun)."""
+    if mode() == "v2":
+        control, value = _controller_dir("", name) / "cgroup.freeze", "1"
+        events = _controller_dir("", name) / "cgroup.events"
+    else:
+        control, value = _controller_dir("freezer", name) / "freezer.state", "FROZEN"
+        events = control
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    try:
+        control.write_text(value)
+        while True:
+            text = events.read_text()
+            if ("frozen 1" in text.split("\n") if events is not control else text.strip() == "FROZEN"):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+            if events is control:
+                control.write_text(value)  # v1: FREEZING can need another nudge (crun writes it again too)
+    except OSError:
+        return False
+
+
 def frozen(name: str) -> bool:
     """True while the group is frozen (or freezing)."""
     if mode() == "v2":

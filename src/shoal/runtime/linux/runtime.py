@@ -286,8 +286,10 @@ class LinuxRuntime:
         return self.layers.usage(self.bundle(sandbox_id) / "upper")
 
     def pause(self, sandbox_id: str) -> None:
-        """Freeze every process of the sandbox (cgroup freezer): memory stays, CPU drops to zero."""
-        self._crun_checked("pause", sandbox_id)
+        """Freeze every process of the sandbox (cgroup freezer): memory stays, CPU drops to zero. Written
+        to the freezer directly, as ``resume`` thaws; crun if that did not take."""
+        if not cgroups.freeze(self.container(sandbox_id)):
+            self._crun_checked("pause", sandbox_id)
 
     def stop(self, sandbox_id: str) -> None:
         """Stop every process and free the sandbox's memory, keeping its files (``create`` with
