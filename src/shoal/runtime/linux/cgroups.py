@@ -10,6 +10,7 @@ hierarchy moves the last one (hugetlb) out of it.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import time
 from pathlib import Path
@@ -21,8 +22,10 @@ V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "freezer", "devi
                   "net_cls", "net_prio", "perf_event", "systemd", "unified")
 
 
+@functools.cache
 def mode() -> str:
-    """``"v2"`` on a unified host, else ``"v1"`` (legacy or hybrid)."""
+    """``"v2"`` on a unified host, else ``"v1"`` (legacy or hybrid); a host does not change it while a
+    process runs (asked on every exec's path, so asked of the kernel once)."""
     return "v2" if (ROOT / "cgroup.controllers").exists() else "v1"
 
 
@@ -100,9 +103,14 @@ def oom_kills(name: str) -> int | None:
 def _read_key(path: Path, key: str) -> int | None:
     """The value of ``key`` in a flat keyed file (``memory.events``, ``memory.oom_control``)."""
     try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        for line in data.split(b"\n"):
+            name, _, value = line.partition(b" ")
+            if name == key.encode():
                 return int(value)
     except (OSError, ValueError):
         pass
