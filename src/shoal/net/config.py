@@ -83,7 +83,7 @@ class NetConfig:
     #: ``SHOAL_SANDBOX_CA_FILE``: PEM certificates appended to the sandbox's CA bundle (a TLS-intercepting proxy's).
     ca_file: str | None = None
     #: ``SHOAL_NET_POOL``: how many ready network namespaces to keep, so create does no netlink work.
-    pool_size: int = 4
+    pool_size: int = 8
 
     @classmethod
     def from_env(cls) -> NetConfig:
@@ -94,7 +94,7 @@ class NetConfig:
             except ValueError as exc:
                 raise InvalidRequest(f"SHOAL_DNS_UPSTREAM: {u!r} is not an IP address") from exc
         try:
-            pool = int(os.environ.get("SHOAL_NET_POOL") or 4)
+            pool = int(os.environ.get("SHOAL_NET_POOL") or 8)
         except ValueError as exc:
             raise InvalidRequest("SHOAL_NET_POOL must be a number") from exc
         return cls(enabled=_flag("SHOAL_NET", True), internet=_flag("SHOAL_INTERNET", True),

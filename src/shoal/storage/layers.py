@@ -154,15 +154,15 @@ class WritableLayers:
         if kind == RAM:
             mounts.mount("tmpfs", target, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, f"size={size_mb}m,mode=0755")
             return
-        if fresh:
+        if fresh:  # a new image: no loop device can hold it yet
             if self.ready.take(size_mb, self.image(sandbox_id), target):
                 return
-            image = self.create_image(sandbox_id, size_mb)
-        else:
-            image = self.image(sandbox_id)
-            if not image.is_file():
-                raise RuntimeFailure(f"the files of sandbox {sandbox_id} are gone from the host", "writable layer",
-                                     sandbox_id)
+            self.mount_image(self.create_image(sandbox_id, size_mb), target)
+            return
+        image = self.image(sandbox_id)
+        if not image.is_file():
+            raise RuntimeFailure(f"the files of sandbox {sandbox_id} are gone from the host", "writable layer",
+                                 sandbox_id)
         if loop_backing(image):  # two ext4 mounts of one image would corrupt it
             raise Conflict(f"the files of sandbox {sandbox_id} are still mounted (a lazy unmount has not finished)")
         self.mount_image(image, target)

@@ -28,7 +28,7 @@ from shoal.host_processes import process_start_time
 from shoal.runtime.linux import mounts
 from shoal.runtime.linux.userns_maker import UsernsMaker
 
-POOL_SIZE = 3
+POOL_SIZE = 8  # a burst (a fork of several children) takes them without waiting for the maker
 _pools: weakref.WeakSet[UsernsPool] = weakref.WeakSet()  # for close_all
 _numbers = itertools.count()  # one sequence per process: several pools (instances) may share a directory name
 #: Seconds after the last claim before refilling. Zero since the forks moved to ``userns_maker``.
