@@ -303,3 +303,55 @@ def test_survey_of_a_hostile_tree_never_blocks_or_follows(tmp_path) -> None:  # 
     finally:
         os.close(fd)
     assert full.size == 8 << 20 and full.raw == 8 * 16384 and not full.compressible() and full.mkfs_flags() == []
+
+
+def _images(tmp_path: Path):  # noqa: ANN202
+    from types import SimpleNamespace
+
+    from shoal.storage.snapshots import SnapshotImages
+    return SnapshotImages(SimpleNamespace(state_dir=tmp_path / "state", run_dir=tmp_path / "run"))  # type: ignore[arg-type]
+
+
+def test_a_failing_or_hanging_mkfs_leaves_no_snapshot_and_no_process(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """mkfs.erofs runs beside the writeback of its output: its failure is reported with its last line, a
+    run past the timeout is killed (no process left), and neither leaves a snapshot directory."""
+    import shoal.storage.snapshots as snapshots
+    from shoal.errors import RuntimeFailure
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "f").write_text("x")
+    images = _images(tmp_path)
+    failing = tmp_path / "mkfs-fails"
+    failing.write_text("#!/bin/sh\necho 'first line'\necho 'disk on fire' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    with pytest.raises(RuntimeFailure, match="exit code 3: disk on fire"):
+        images.write(upper, "s1", {}, mkfs=str(failing))
+    pid_file = tmp_path / "pid"
+    hanging = tmp_path / "mkfs-hangs"
+    hanging.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    hanging.chmod(0o755)
+    monkeypatch.setattr(snapshots, "MKFS_TIMEOUT", 0.5)
+    with pytest.raises(RuntimeFailure, match="longer than"):
+        images.write(upper, "s2", {}, mkfs=str(hanging))
+    pid = int(pid_file.read_text())
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert sorted(os.listdir(images.dir)) == []  # no snapshot, no temp directory
+
+
+def test_snapshot_image_is_written_whole(tmp_path) -> None:  # noqa: ANN001
+    """The image mkfs.erofs writes while its writeback runs is the same as one written without it."""
+    import shutil
+    import subprocess
+    upper = tmp_path / "upper"
+    (upper / "d").mkdir(parents=True)
+    (upper / "d" / "random").write_bytes(os.urandom(6 << 20))
+    (upper / "text").write_text("hello\n" * 200000)
+    images = _images(tmp_path)
+    images.write(upper, "s1", {"template": "t"})
+    image = images.image("s1")
+    fsck = shutil.which("fsck.erofs")
+    if fsck:
+        subprocess.run([fsck, "--extract=" + str(tmp_path / "out"), str(image)], check=True, capture_output=True)
+        assert (tmp_path / "out" / "d" / "random").read_bytes() == (upper / "d" / "random").read_bytes()
+        assert (tmp_path / "out" / "text").read_text() == "hello\n" * 200000
+    assert '"size_bytes"' in (images.path("s1") / "meta.json").read_text()
