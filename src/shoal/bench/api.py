@@ -18,7 +18,7 @@ import time
 
 import httpx
 
-from shoal.bench.run import _met, _percentiles, verdict
+from shoal.bench.run import SETTLE_S, _met, _percentiles, verdict
 from shoal.settings import Settings
 
 TARGETS = {"api_create_to_first_result_ms": 50.0, "api_exec_round_trip_ms": 3.0, "api_exec_per_second": 500.0}
@@ -103,6 +103,7 @@ def run_api_benchmarks(settings: Settings, iterations: int = 30, template: str =
                 sid = create_and_run()
                 samples.append((time.perf_counter() - t) * 1000)
                 http.delete(f"/v1/sandboxes/{sid}")
+            time.sleep(SETTLE_S)  # the baseline too: not beside the refills the deletes started
             health = []
             for _ in range(max(iterations, 200)):
                 t = time.perf_counter()
@@ -113,6 +114,7 @@ def run_api_benchmarks(settings: Settings, iterations: int = 30, template: str =
             sid = http.post("/v1/sandboxes", json={"template": template, "timeout": 600}).json()["id"]
             try:
                 http.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": ["true"]})
+                time.sleep(SETTLE_S)  # the daemon's pools refill after a create: measure the steady state
                 execs = []
                 for _ in range(max(iterations, 200)):
                     t = time.perf_counter()
