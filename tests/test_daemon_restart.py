@@ -494,3 +494,45 @@ def test_restarting_a_daemon_does_not_disturb_another_daemons_work(daemon, own_d
     assert problems == [], (f"{len(problems)} failures in {cycles[0]} create/exec/delete cycles of one daemon "
                             f"while another started {restarts} times: {problems[:5]}")
     assert_no_orphans()
+
+
+def _pool_entries(pid: int) -> list[str]:
+    """What process ``pid`` keeps ready on the host: mounted layers, user namespaces, network slots."""
+    found = []
+    for sub in ("layers-ready", "userns"):
+        try:
+            found += [f"{sub}/{e.name}" for e in os.scandir(RUN_DIR / sub) if e.name.startswith(f"{pid}-")]
+        except OSError:
+            pass
+    try:
+        for e in os.scandir(RUN_DIR / "net" / "slots"):
+            try:
+                owner = json.loads(Path(e.path).read_text() or "null")
+            except (OSError, ValueError):
+                continue
+            if isinstance(owner, dict) and owner.get("pool", [None])[0] == pid:
+                found.append(f"net/slots/{e.name}")
+    except OSError:
+        pass
+    mounts = Path("/proc/self/mountinfo").read_text()
+    found += [f"mount {line.split()[4]}" for line in mounts.splitlines() if f"/{pid}-" in line.split()[4]]
+    return found
+
+
+def test_sigterm_frees_the_daemons_pools(own_daemon: Daemon, key: Key):
+    """uvicorn ends a SIGTERMed server by raising the signal again, so atexit never runs: the daemon
+    frees what it keeps ready (mounted layers, user namespaces, network slots) when serving ends."""
+    own_daemon.start()
+    with httpx.Client(base_url=own_daemon.url, headers=key.headers, timeout=TIMEOUT) as c:
+        sid = c.post("/v1/sandboxes", json={"template": "minimal"}).json()["id"]
+        assert c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": ["true"]}).json()["exit_code"] == 0
+        c.delete(f"/v1/sandboxes/{sid}")
+    pid = own_daemon.proc.pid
+    deadline = time.monotonic() + 30
+    while not any(e.startswith("layers-ready/") for e in _pool_entries(pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    held = _pool_entries(pid)
+    assert any(e.startswith("layers-ready/") for e in held) and any(e.startswith("userns/") for e in held), held
+    code = own_daemon.terminate()
+    assert code in (0, -signal.SIGTERM), own_daemon.tail()
+    assert _pool_entries(pid) == []

@@ -234,6 +234,14 @@ class Engine:
             start_template_process(self, rec.id, self.templates._read_meta(template))
         return rec
 
+    def close_pools(self) -> None:
+        """Free what this process keeps ready for creates: network slots, user namespaces, mounted layers.
+        Each is also freed at exit, but a daemon stopped by a signal may never get there (see
+        ``server/daemon.py``); what a dead process leaves, the next reconcile sweeps."""
+        if self.network is not None:
+            self.network.close()
+        self.runtime.close_pools()
+
     def delete_network(self, name: str, api_key: ApiKey | None = None) -> None:
         """Remove a private network of ``api_key``; 409 while it has members. Under the admission lock, so
         no create joins it between the check and the removal."""

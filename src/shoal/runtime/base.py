@@ -90,6 +90,9 @@ class Runtime(Protocol):
     def has_files(self, sandbox_id: str) -> bool:
         """True if the sandbox's files are kept on the host (it can start again from them)."""
 
+    def close_pools(self) -> None:
+        """Free whatever this process keeps ready for creates."""
+
     def has_leftovers(self, sandbox_id: str) -> bool:
         """True if anything of a stopped sandbox but its kept files is on the host."""
         return True

@@ -8,11 +8,14 @@ Limits (environment): ``SHOAL_MAX_CONNECTIONS`` (4096), ``SHOAL_HEADER_TIMEOUT``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,4 +107,27 @@ def serve(config: DaemonConfig, settings: Settings | None = None) -> None:
                         loop="uvloop", http=connections.protocol_class(guard), ws="websockets",
                         timeout_graceful_shutdown=5, timeout_keep_alive=5, log_level=config.log_level)
     log.info("serving", extra={"url": f"http://{config.host}:{config.port}"})
-    uvicorn.Server(uv).run()
+    _run_server(uv, engine)
+
+
+def _run_server(config: object, engine: Engine) -> None:
+    """``uvicorn.Server(config).run()``, freeing the engine's pools once serving has ended.
+
+    A server stopped by SIGTERM or SIGINT ends its process by raising that signal again after the
+    graceful shutdown (uvicorn >= 0.29), so ``atexit`` handlers never run: the pools' network slots,
+    user namespaces and mounted layers would stay until the next start's reconcile swept them. They
+    are freed after the last request and before the signal is raised again."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:  # inside the server's event loop: pyroute2 runs its own, so on a thread of its own
+                    closer = threading.Thread(target=engine.close_pools, name="shoal-close-pools")
+                    closer.start()
+                    closer.join()
+
+    Server(config).run()  # type: ignore[arg-type]

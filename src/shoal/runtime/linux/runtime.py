@@ -249,6 +249,11 @@ class LinuxRuntime:
         if not keep_files:
             self.layers.remove(sandbox_id)
 
+    def close_pools(self) -> None:
+        """Free the user namespaces and mounted layers this process keeps ready (also done at exit)."""
+        self.userns_pool.close()
+        self.layers.ready.close()
+
     def has_leftovers(self, sandbox_id: str) -> bool:
         """Whether anything of the sandbox but its kept files is on the host (a bundle, crun's state, a
         cgroup): what a crashed pause or resume leaves, and ``destroy(keep_files=True)`` clears."""
