@@ -73,7 +73,9 @@ def test_pools_of_a_killed_process_are_swept(engine: Engine, minimal_template: s
         e.destroy(rec.id)
         r = e.runtime
         deadline = time.monotonic() + 60
-        while (len(r.layers.ready._ready.get(1024, ())) < 1 or len(r.userns_pool._ready) < 1):
+        from shoal.storage import ready_layers
+        while (len(r.layers.ready._ready.get(1024, ())) < ready_layers.READY  # full: no layer half-made
+               or len(r.userns_pool._ready) < r.userns_pool.size):
             if time.monotonic() > deadline:
                 sys.exit(3)
             time.sleep(0.02)

@@ -33,6 +33,8 @@ from shoal.storage.layers import DiskUsage, WritableLayers, loop_backing
 
 #: How long a mount waits for a loop device still held by a sandbox being torn down to go away.
 RELEASE_WAIT = 5.0
+#: Seconds ``remove`` waits for the loop device of a volume it just unmounted to be detached.
+DETACH_WAIT = 2.0
 
 
 class VolumeImages:
@@ -79,8 +81,13 @@ class VolumeImages:
     def remove(self, volume_id: str) -> None:
         """Unmount (strictly) and delete the image; ``Conflict`` if it is still mounted somewhere."""
         self.unmount(volume_id)
-        if loop_backing(self.image(volume_id)):
-            raise Conflict(f"volume {volume_id} is still held by a sandbox being torn down; try again")
+        # The kernel detaches an auto-clearing loop device after the unmount returns (on a work queue):
+        # give it a moment before concluding that someone else still holds the image.
+        deadline = time.monotonic() + DETACH_WAIT
+        while loop_backing(self.image(volume_id)):
+            if time.monotonic() > deadline:
+                raise Conflict(f"volume {volume_id} is still held by a sandbox being torn down; try again")
+            time.sleep(0.01)
         self.image(volume_id).unlink(missing_ok=True)
 
     # --- mounting ----------------------------------------------------------------------------
