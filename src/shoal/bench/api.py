@@ -97,6 +97,7 @@ def run_api_benchmarks(settings: Settings, iterations: int = 30, template: str =
 
             create_and_run_sid = create_and_run()  # warm-up (template mount, imports)
             http.delete(f"/v1/sandboxes/{create_and_run_sid}")
+            time.sleep(3 * SETTLE_S)  # the daemon fills its pools after its first create (~1 s of work)
             samples = []
             for _ in range(iterations):
                 t = time.perf_counter()

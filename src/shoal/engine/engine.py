@@ -234,6 +234,10 @@ class Engine:
             start_template_process(self, rec.id, self.templates._read_meta(template))
         return rec
 
+    def pools_full(self) -> bool:
+        """Whether every pool of this process is full (the steady state ``shoal bench`` measures from)."""
+        return (self.network is None or self.network.full()) and self.runtime.pools_full()
+
     def close_pools(self) -> None:
         """Free what this process keeps ready for creates: network slots, user namespaces, mounted layers.
         Each is also freed at exit, but a daemon stopped by a signal may never get there (see

@@ -339,6 +339,11 @@ class Network:
         return data == owners.pool_owner()
 
     # --- sandboxes ----------------------------------------------------------------------------
+    def full(self) -> bool:
+        """Whether this process's pool holds all its ready slots (``shoal bench`` waits for it)."""
+        with self._pool_cv:
+            return len(self._pool) >= self.config.pool_size
+
     def claim(self, sandbox_id: str, internet: bool = True, lower_dir: Path | None = None,
               networks: tuple[str, ...] = (), name: str | None = None, policy: EgressPolicy | None = None,
               limits: NetLimits | None = None) -> Lease:

@@ -90,6 +90,10 @@ class Runtime(Protocol):
     def has_files(self, sandbox_id: str) -> bool:
         """True if the sandbox's files are kept on the host (it can start again from them)."""
 
+    def pools_full(self) -> bool:
+        """Whether everything this process keeps ready for creates is made."""
+        return True
+
     def close_pools(self) -> None:
         """Free whatever this process keeps ready for creates."""
 

@@ -56,6 +56,11 @@ class ReadyLayers:
         return self.image_dir / f".ready-{name}.ext4"
 
     # --- the create path ---------------------------------------------------------------------
+    def full(self) -> bool:
+        """Whether the layers of the sizes asked for are all mounted (``shoal bench`` waits for it)."""
+        with self._cv:
+            return self._wanted() is None
+
     def take(self, size_mb: int, image: Path, target: Path) -> bool:
         """Move a ready layer of ``size_mb`` onto ``target`` with its image renamed to ``image``; False if
         none is ready (the caller mounts a fresh one). Asks for more either way."""

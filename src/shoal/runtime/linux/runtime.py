@@ -249,6 +249,9 @@ class LinuxRuntime:
         if not keep_files:
             self.layers.remove(sandbox_id)
 
+    def pools_full(self) -> bool:
+        return self.userns_pool.full() and self.layers.ready.full()
+
     def close_pools(self) -> None:
         """Free the user namespaces and mounted layers this process keeps ready (also done at exit)."""
         self.userns_pool.close()

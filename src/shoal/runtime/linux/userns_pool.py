@@ -55,6 +55,11 @@ class UsernsPool:
         self._maker.make(path)
         return path
 
+    def full(self) -> bool:
+        """Whether every namespace pair this pool keeps is made (``shoal bench`` waits for it)."""
+        with self._cv:
+            return len(self._ready) >= self.size
+
     def claim(self) -> Path:
         """A ready namespace file (made now if none is ready); the caller owns it from here on."""
         with self._cv:
