@@ -28,7 +28,7 @@ _last_end = 0.0
 
 @contextlib.contextmanager
 def creating() -> Iterator[None]:
-    """Mark a create of this process as in flight for the duration."""
+    """Mark a create of this process as in flight for the duration (``@creating()`` marks a whole call)."""
     global _in_flight
     with _cv:
         _in_flight += 1

@@ -56,7 +56,7 @@ def run_network_benchmarks(engine, template: str, iterations: int,  # noqa: ANN0
         # off the clock of the delete, and would land on the next create, whichever arm it is).
         engine.network.ensure()
         deadline = time.monotonic() + 5
-        while len(engine.network._pool) < engine.network.config.pool_size and time.monotonic() < deadline:
+        while not engine.network.full() and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.1)
         t = time.perf_counter()

@@ -122,6 +122,7 @@ class Engine:
                 pass
 
     # --- actions ---------------------------------------------------------------------------
+    @refill.creating()  # the pools refill after this and its first call, not beside them (shoal/refill.py)
     def create(self, template: str = "minimal", *, cpu: float = 1.0, memory_mb: int = 512, disk_mb: int = 1024,
                env: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
                owner_pid: int | None = None, build: bool = True, progress: Progress | None = None,
@@ -146,17 +147,6 @@ class Engine:
         seconds before standby (``engine/standby.py``; None: the daemon's default, 0: never).
         ``egress``: its egress policy, ``net_limits``: bandwidth and connection cap (shoal.net.policy).
         """
-        with refill.creating():  # the pools refill after this and its first call, not beside them (shoal/refill.py)
-            return self._create(template, cpu, memory_mb, disk_mb, env, metadata, owner_pid, build, progress, wait,
-                                timeout, api_key, layer, internet, network, networks, name, volumes, standby_after,
-                                start, snapshot, egress, net_limits)
-
-    def _create(self, template: str, cpu: float, memory_mb: int, disk_mb: int, env: dict[str, str] | None,
-                metadata: dict[str, str] | None, owner_pid: int | None, build: bool, progress: Progress | None,
-                wait: bool, timeout: float | None, api_key: ApiKey | None, layer: str, internet: bool | None,
-                network: bool, networks: list[str] | None, name: str | None, volumes: list | None,
-                standby_after: float | None, start: bool, snapshot: str | None, egress: dict | None,
-                net_limits: dict | None) -> SandboxRecord:
         net_rules = egress_rules(egress, net_limits, internet)  # validated before anything is made
         if layer not in KINDS:
             raise InvalidRequest(f"layer must be one of {', '.join(KINDS)}, not {layer!r}")

@@ -37,6 +37,7 @@ def fork(engine: Engine, sandbox_id: str, count: int = 1, api_key: ApiKey | None
 
 
 def check_count(count: object) -> None:
+    """``InvalidRequest`` unless ``count`` is an integer from 1 to ``MAX_FORKS`` (every fork surface asks this)."""
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORKS:
         raise InvalidRequest(f"count must be an integer from 1 to {MAX_FORKS}")
 

@@ -274,6 +274,17 @@ def loop_backing(image: Path) -> list[str]:
     return found
 
 
+def loop_released(image: Path, wait: float) -> bool:
+    """Whether no loop device holds ``image``, waiting up to ``wait`` seconds for one to let it go (a
+    sandbox being torn down; or the kernel detaching an auto-clearing device just after an unmount)."""
+    deadline = time.monotonic() + wait
+    while loop_backing(image):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 

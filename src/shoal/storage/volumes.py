@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 from shoal.errors import Conflict, RuntimeFailure
 from shoal.runtime.linux import mounts
 from shoal.settings import Settings
-from shoal.storage.layers import DiskUsage, WritableLayers, loop_backing
+from shoal.storage.layers import DiskUsage, WritableLayers, loop_released
 
 #: How long a mount waits for a loop device still held by a sandbox being torn down to go away.
 RELEASE_WAIT = 5.0
@@ -83,11 +82,8 @@ class VolumeImages:
         self.unmount(volume_id)
         # The kernel detaches an auto-clearing loop device after the unmount returns (on a work queue):
         # give it a moment before concluding that someone else still holds the image.
-        deadline = time.monotonic() + DETACH_WAIT
-        while loop_backing(self.image(volume_id)):
-            if time.monotonic() > deadline:
-                raise Conflict(f"volume {volume_id} is still held by a sandbox being torn down; try again")
-            time.sleep(0.01)
+        if not loop_released(self.image(volume_id), DETACH_WAIT):
+            raise Conflict(f"volume {volume_id} is still held by a sandbox being torn down; try again")
         self.image(volume_id).unlink(missing_ok=True)
 
     # --- mounting ----------------------------------------------------------------------------
@@ -103,11 +99,8 @@ class VolumeImages:
         image = self.image(volume_id)
         if not image.is_file():
             raise RuntimeFailure(f"the image of volume {volume_id} is gone from the host", "volume")
-        deadline = time.monotonic() + wait
-        while loop_backing(image):  # a sandbox being torn down still holds the last mount: never mount twice
-            if time.monotonic() > deadline:
-                raise Conflict(f"volume {volume_id} is still mounted by a sandbox being torn down; try again")
-            time.sleep(0.02)
+        if not loop_released(image, wait):  # a sandbox being torn down still holds the last mount: never mount twice
+            raise Conflict(f"volume {volume_id} is still mounted by a sandbox being torn down; try again")
         self.mount_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.mount_dir, 0o711)  # crun, inside the sandbox's user namespace, must reach the source
         target.mkdir(exist_ok=True)

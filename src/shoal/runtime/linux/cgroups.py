@@ -108,9 +108,10 @@ def _read_key(path: Path, key: str) -> int | None:
             data = os.read(fd, 4096)
         finally:
             os.close(fd)
+        wanted = key.encode()
         for line in data.split(b"\n"):
             name, _, value = line.partition(b" ")
-            if name == key.encode():
+            if name == wanted:
                 return int(value)
     except (OSError, ValueError):
         pass
@@ -145,26 +146,27 @@ def freeze(name: str, timeout: float = 2.0) -> bool:
     """Freeze every task of the group and wait until the kernel says all are frozen (what ``crun pause``
     does, without starting a crun process: ~5 ms less on a snapshot's or a standby's path). False if the
     group is not there or did not freeze in time (the caller falls back to crun)."""
-    if mode() == "v2":
+    v2 = mode() == "v2"
+    if v2:  # asked in cgroup.freeze; done when cgroup.events has the line "frozen 1"
         control, value = _controller_dir("", name) / "cgroup.freeze", "1"
         events = _controller_dir("", name) / "cgroup.events"
-    else:
-        control, value = _controller_dir("freezer", name) / "freezer.state", "FROZEN"
-        events = control
+    else:  # freezer.state reads FREEZING, then FROZEN
+        control = events = _controller_dir("freezer", name) / "freezer.state"
+        value = "FROZEN"
     deadline = time.monotonic() + timeout
     delay = 0.0002
     try:
         control.write_text(value)
         while True:
             text = events.read_text()
-            if ("frozen 1" in text.split("\n") if events is not control else text.strip() == "FROZEN"):
+            if ("frozen 1" in text.splitlines()) if v2 else (text.strip() == "FROZEN"):
                 return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
-            if events is control:
-                control.write_text(value)  # v1: FREEZING can need another nudge (crun writes it again too)
+            if not v2:
+                control.write_text(value)  # FREEZING can need another nudge (crun writes it again too)
     except OSError:
         return False
 

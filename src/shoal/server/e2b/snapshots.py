@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from shoal.engine import Engine
-from shoal.engine.fork import MAX_FORKS, fork
+from shoal.engine.fork import check_count, fork
 from shoal.engine.keys import ApiKey
 from shoal.engine.snapshots import SnapshotRecord
 from shoal.errors import InvalidRequest, NotFound, ShoalError
@@ -94,8 +94,7 @@ async def fork_sandbox(sandbox_id: str, request: Request) -> JSONResponse:
     key, eng = _key(request), _engine(request)
     body = await _body(request)
     count = body.get("count", 1)
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORKS:
-        raise InvalidRequest(f"count must be an integer from 1 to {MAX_FORKS}")
+    check_count(count)
     timeout = _timeout(body.get("timeout"))
     parent = eng.get(sandbox_id, key)
     results = await run_in_threadpool(fork, eng, sandbox_id, count, key, timeout)
