@@ -378,6 +378,7 @@ def test_sigkill_mid_volume_operations_leaks_nothing(engine: Engine):
 
     tag = secrets.token_hex(3)
     images = engine.volumes.images
+    before = images.existing()  # an earlier test's leftover would show here (see the assertion's message)
     for delay in (0.0, 0.05, 0.13, 0.31):
         p = subprocess.Popen([sys.executable, "-c", _CHURN, tag], stdout=subprocess.PIPE, text=True)
         assert p.stdout is not None and p.stdout.readline(), "the churn process did not start"
@@ -388,13 +389,23 @@ def test_sigkill_mid_volume_operations_leaks_nothing(engine: Engine):
         mine = [v for v in engine.volumes.list() if v.name.startswith(f"churn-{tag}-")]
         recorded = {v.id for v in engine.volumes.list()}
         for vid in images.existing():
-            assert vid in recorded, f"volume {vid}: host resources without a record"
+            assert vid in recorded, f"volume {vid}: host resources without a record ({_where(images, vid, before)})"
             assert not images.is_mounted(vid) or engine.volumes.users(vid), f"volume {vid} mounted, unused"
         for v in mine:
             assert images.image(v.id).is_file(), f"record {v.name} without its image"
             engine.volumes.remove(v.name)
         assert not [n for n in os.listdir(images.dir) if n.endswith(".tmp")]
     assert not [d for d in loop_backing_all() if d.startswith(str(images.dir))]
+
+
+def _where(images, vid: str, before: set[str]) -> str:  # noqa: ANN001
+    """Where an orphan's parts stand, for the failure message (whose it is, and what held it)."""
+    from shoal.runtime.linux import mounts
+    from shoal.storage.layers import loop_backing
+    img, point = images.image(vid), images.mount_point(vid)
+    mounted = point.exists() and mounts.is_mounted(point)
+    return (f"there before the test {vid in before}, image {img.exists()}, mount point {point.exists()}, "
+            f"mounted {mounted}, loops {loop_backing(img)}")
 
 
 def loop_backing_all() -> list[str]:
