@@ -332,3 +332,101 @@ def test_idle_and_slowloris_connections_do_not_starve_the_daemon(monkeypatch):
         for s in idle + slow:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _http_on(sock: socket.socket, request: bytes, timeout: float = 30) -> bytes:
+    """Send one request on ``sock`` and read its whole answer (Content-Length bodies only)."""
+    sock.settimeout(timeout)
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before an answer")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed mid-body")
+        body += chunk
+    return head.split(b"\r\n")[0]
+
+
+def _closed(sock: socket.socket, wait: float = 0.05) -> bool:
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_the_connection_cap_evicts_strangers_first_and_never_a_keyed_request(monkeypatch):
+    """At the cap, new connections push out connections that never showed a valid key, not the idle
+    keep-alive connection of an authenticated client, and never a request of one in flight: a keyed
+    exec on a full daemon still completes, on a connection that is still usable afterwards."""
+    cap = 12
+    strangers: list[socket.socket] = []
+    with own_daemon(monkeypatch, SHOAL_MAX_CONNECTIONS=str(cap)) as d:
+        port = int(d.url.rsplit(":", 1)[1])
+        key = d.headers["Authorization"]
+        sid = create_sandbox(d)
+        try:
+            exec_body = json.dumps({"cmd": "sleep 2; echo slept"}).encode()
+            keyed_idle = socket.create_connection(("127.0.0.1", port))
+            assert _http_on(keyed_idle, f"GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nAuthorization: {key}\r\n\r\n"
+                            .encode()) == b"HTTP/1.1 200 OK"
+            busy = socket.create_connection(("127.0.0.1", port))
+            _http_on(busy, f"GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nAuthorization: {key}\r\n\r\n".encode())
+            answer: list[bytes] = []
+            worker = threading.Thread(target=lambda: answer.append(_http_on(busy, (
+                f"POST /v1/sandboxes/{sid}/exec HTTP/1.1\r\nHost: x\r\nAuthorization: {key}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(exec_body)}\r\n\r\n").encode() + exec_body)))
+            worker.start()
+            time.sleep(0.3)  # the exec is in flight
+            for _ in range(3 * cap):  # three caps' worth of strangers that never send a byte
+                strangers.append(socket.create_connection(("127.0.0.1", port)))
+                time.sleep(0.005)
+            assert httpx.get(d.url + "/health", timeout=10).status_code == 200  # the newest is served
+            worker.join(30)
+            assert answer == [b"HTTP/1.1 200 OK"], answer
+            assert not _closed(keyed_idle), "an authenticated idle connection was evicted before strangers"
+            assert _http_on(keyed_idle, f"GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nAuthorization: {key}\r\n\r\n"
+                            .encode()) == b"HTTP/1.1 200 OK"
+            cut = sum(_closed(s) for s in strangers)
+            assert cut >= 2 * cap, f"only {cut} of {len(strangers)} strangers were evicted under a cap of {cap}"
+        finally:
+            for s in strangers:
+                s.close()
+            delete_sandbox(d, sid)
+
+
+def test_the_header_deadline_cuts_silent_and_trickling_connections_not_keep_alive(monkeypatch):
+    """With a 1 s header deadline: a connection that sends nothing and one that never finishes its
+    headers are closed within the deadline plus the guard's sweep (¼ of it); a keep-alive connection
+    between two requests is not (uvicorn's keep-alive timeout, 5 s, governs that), and a request whose
+    headers came in time may take longer than the deadline for its body."""
+    with own_daemon(monkeypatch, SHOAL_HEADER_TIMEOUT="1") as d:
+        port = int(d.url.rsplit(":", 1)[1])
+        silent = socket.create_connection(("127.0.0.1", port))
+        trickle = socket.create_connection(("127.0.0.1", port))
+        trickle.sendall(b"GET /health HTTP/1.1\r\nHo")
+        kept = socket.create_connection(("127.0.0.1", port))
+        assert _http_on(kept, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n") == b"HTTP/1.1 200 OK"
+        slow_body = socket.create_connection(("127.0.0.1", port))
+        slow_body.sendall(f"POST /v1/keys HTTP/1.1\r\nHost: x\r\nAuthorization: {d.headers['Authorization']}\r\n"
+                          "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{".encode())
+        started = time.monotonic()
+        for s in (silent, trickle):
+            wait_for(lambda s=s: _closed(s), 10, "the header deadline to cut a connection")
+        assert time.monotonic() - started < 1.0 + 0.25 + 1.0  # deadline + sweep + scheduling slack
+        assert not _closed(kept) and not _closed(slow_body, 0.5)
+        slow_body.sendall(b"}")
+        assert _http_on(slow_body, b"").split(b" ")[0] == b"HTTP/1.1"  # answered, whatever the route says
+        assert _http_on(kept, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n") == b"HTTP/1.1 200 OK"
+        for s in (silent, trickle, kept, slow_body):
+            s.close()

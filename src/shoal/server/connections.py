@@ -5,7 +5,8 @@ process runs out of file descriptors; then nothing, not even ``/health``, is ans
 clients are not trusted beyond their key and anyone on the network can connect, so:
 
 * headers must be complete ``header_timeout`` seconds after a request starts (or after the
-  connection opens): a connection that trickles them (slowloris) or sends nothing is closed;
+  connection opens), give or take the guard's sweep interval: a connection that trickles them
+  (slowloris) or sends nothing is closed;
 * at most ``max_connections`` HTTP connections are open. A new connection beyond the cap evicts
   an old one that is doing nothing for anybody, cheapest to lose first: connections that never
   made an authenticated request and are not in a request, then such connections still sending a
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import resource
 import socket
@@ -73,18 +75,31 @@ def header_timeout() -> float:
 
 
 class ConnectionGuard:
-    """The open HTTP connections of one server, oldest first, and which one to give up when full."""
+    """The open HTTP connections of one server, oldest first, and which one to give up when full.
+
+    The header deadline is enforced by a sweep every ``tick`` seconds (a quarter of the deadline, at
+    most a second) rather than by a timer per request: a request then costs the guard nothing but
+    the connection's admission, which is what keeps ``/health`` as fast as without the guard. A
+    connection seen waiting for the same request's headers at ``strikes`` consecutive sweeps has
+    waited at least the deadline and is closed: so headers get between ``header_timeout`` and
+    ``header_timeout + tick`` seconds.
+    """
 
     def __init__(self, max_connections: int, header_timeout: float) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
+        self.tick = min(1.0, header_timeout / 4)
+        self.strikes = math.ceil(header_timeout / self.tick - 1e-9)
         self.open: dict[GuardedHttpProtocol, None] = {}  # insertion order = age
         self.evicted = 0
         self.refused = 0
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def admit(self, conn: GuardedHttpProtocol) -> bool:
         """Register ``conn``; make room by evicting if over the cap. False: ``conn`` itself was refused."""
         self.open[conn] = None
+        if self._sweeper is None:
+            self._sweeper = conn.loop.call_later(self.tick, self._sweep, conn.loop)
         while len(self.open) > self.max_connections:
             victim = self._victim(conn)
             if victim is None:
@@ -100,14 +115,32 @@ class ConnectionGuard:
         for conn in self.open:
             if conn is newcomer:
                 continue
+            in_request = conn.in_request()
             if not conn.authenticated:
-                if not conn.in_request:
+                if not in_request:
                     return conn
-                if body is None and not conn.body_complete:
+                if body is None and not conn.body_complete():
                     body = conn
-            elif idle is None and not conn.in_request:
+            elif idle is None and not in_request:
                 idle = conn
         return body or idle
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the connections that have waited ``strikes`` sweeps for one request's headers."""
+        late = []
+        for conn in self.open:
+            waiting = conn.waiting_for()
+            if waiting is None:
+                conn.seen_waiting, conn.strikes = None, 0
+            elif waiting is conn.seen_waiting:
+                conn.strikes += 1
+                if conn.strikes >= self.strikes:
+                    late.append(conn)
+            else:
+                conn.seen_waiting, conn.strikes = waiting, 0
+        for conn in late:
+            self.drop(conn)
+        self._sweeper = loop.call_later(self.tick, self._sweep, loop) if self.open else None
 
     def drop(self, conn: GuardedHttpProtocol) -> None:
         """Close ``conn`` now (abort: there is nothing worth flushing) and stop counting it."""
@@ -118,33 +151,61 @@ class ConnectionGuard:
         self.open.pop(conn, None)
 
 
+#: What ``GuardedHttpProtocol.waiting_for`` answers for a connection that has not begun a request.
+_NOTHING_YET: dict = {}
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus a header deadline and a place under the ``ConnectionGuard``."""
+    """uvicorn's httptools protocol under a ``ConnectionGuard``.
+
+    Where a connection stands (waiting for headers, in a request, body complete) is read from
+    uvicorn's own per-request state when the guard asks, not tracked by parser callbacks: a callback
+    override is a Python call per request (per header, for ``on_header``) on the daemon's hottest
+    path. The one override per request is ``on_headers_complete``, for the ``shoal.reset`` extension
+    and, until the connection is authenticated, for noticing a key.
+    """
 
     guard: ConnectionGuard  # set on the subclass ``protocol_class`` makes
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.authenticated = False
-        self.in_request = False  # headers complete, response not yet
-        self.body_complete = True
-        self.headers_pending = True  # a request (or the connection) began and its headers are not complete
-        self._deadline: asyncio.TimerHandle | None = None
-        self._has_key = False
+        self.seen_waiting: object = None  # the guard's sweep: what this connection waited for last time
+        self.strikes = 0
+        self._reset = {"reset": self.reset}
+
+    # where the connection stands, from uvicorn's state --------------------------------------
+    def waiting_for(self) -> object:
+        """The request (its scope) whose headers are not complete yet, ``_NOTHING_YET`` before the first
+        byte of a request, or None: headers complete, or an idle keep-alive connection (uvicorn's
+        keep-alive timeout governs that)."""
+        scope = self.scope
+        if scope is None:
+            return _NOTHING_YET
+        cycle = self.cycle
+        if cycle is None or cycle.scope is not scope:
+            return scope
+        return None
+
+    def in_request(self) -> bool:
+        """Headers complete and the response not yet."""
+        cycle = self.cycle
+        return cycle is not None and cycle.scope is self.scope and not cycle.response_complete
+
+    def body_complete(self) -> bool:
+        cycle = self.cycle
+        return cycle is None or cycle.scope is not self.scope or not cycle.more_body
 
     # connection ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
         self.guard.admit(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
         self.guard.forget(self)
         super().connection_lost(exc)
 
     def abort(self) -> None:
-        self._disarm()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
@@ -153,7 +214,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         a response cut short by a close after part of a chunked body reads to some HTTP clients (pyqwest,
         under E2B's async SDK) as a protocol error, a reset to all of them as the transport failing, which
         is what a sandbox dying under a stream must look like."""
-        self._disarm()
         if self.transport is None or self.transport.is_closing():
             return
         sock = self.transport.get_extra_info("socket")
@@ -163,55 +223,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.abort()
 
     def handle_websocket_upgrade(self) -> None:
-        self._disarm()
         self.guard.forget(self)  # the WebSocket protocol owns the connection from here on
         super().handle_websocket_upgrade()
 
-    # the header deadline -------------------------------------------------------------------
-    def _arm(self) -> None:
-        if self._deadline is None:
-            self._deadline = self.loop.call_later(self.guard.header_timeout, self._headers_too_slow)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _headers_too_slow(self) -> None:
-        self._deadline = None
-        if self.headers_pending:
-            self.guard.drop(self)
-
-    # parser callbacks ----------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._has_key = False
-        self.headers_pending = True
-        self._arm()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        super().on_header(name, value)
-        if name.lower() in _KEY_HEADERS:
-            self._has_key = True
-
+    # the one parser callback ---------------------------------------------------------------
     def on_headers_complete(self) -> None:
-        self._disarm()
-        self.scope.setdefault("extensions", {})["shoal.reset"] = {"reset": self.reset}  # type: ignore[typeddict-item]
-        self.headers_pending = False
-        self.in_request, self.body_complete = True, False
+        self.scope["extensions"] = {"shoal.reset": self._reset}  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not None and self._has_key and not self.authenticated:
-            cycle.send = self._watch_status(cycle.send)  # type: ignore[method-assign]
-
-    def on_message_complete(self) -> None:
-        self.body_complete = True
-        super().on_message_complete()
-
-    def on_response_complete(self) -> None:
-        self.in_request = False
-        self.body_complete = True
-        super().on_response_complete()
+        if not self.authenticated:
+            cycle = self.cycle
+            if cycle is not None and cycle.scope is self.scope and any(
+                    name in _KEY_HEADERS for name, _ in self.headers):
+                cycle.send = self._watch_status(cycle.send)  # type: ignore[method-assign]
 
     def _watch_status(self, send: Callable[..., Any]) -> Callable[..., Any]:
         async def watched(message: Any) -> None:
