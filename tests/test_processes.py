@@ -272,6 +272,19 @@ def _read_until(stream, needle: bytes, buf: bytearray, timeout: float = 10.0) ->
     assert needle in buf, f"{needle!r} not in PTY output {bytes(buf)!r}"
 
 
+def test_a_pty_has_its_size_before_the_command_runs(agent: AgentClient):
+    """The size asked for is the terminal's from the first instruction on: it used to be set just after
+    the spawn, so a command that looked at once (``stty size`` first thing) could see ``0 0``."""
+    sizes = set()
+    for i in range(25):
+        stream = agent.start(["stty", "size"], pty=(100 + i, 30))
+        out = bytearray()
+        r = run_guarded(lambda stream=stream, out=out: stream.wait(on_stdout=out.extend), 10)
+        assert r.exit_code == 0, bytes(out)
+        sizes.add((i, out.decode(errors="replace").strip()))
+    assert sizes == {(i, f"30 {100 + i}") for i in range(25)}, sorted(sizes)
+
+
 def test_pty_and_resize(agent: AgentClient):
     stream = agent.start(["sh", "-c", 'tty; echo "size: $(stty size)"; echo "term: $TERM"; read x; '
                                       'echo "size: $(stty size)"'], pty=(80, 24))

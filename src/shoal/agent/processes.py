@@ -153,9 +153,7 @@ class Process:
     def resize(self, cols: int, rows: int) -> None:
         if self.pty is None:
             raise ValueError("process has no PTY")
-        import fcntl
-        import termios
-        fcntl.ioctl(self.pty, termios.TIOCSWINSZ, _struct.pack("HHHH", rows, cols, 0, 0))
+        _set_winsize(self.pty, cols, rows)
 
 
 class Table:
@@ -238,6 +236,12 @@ def _prepare(req: dict) -> tuple[list[str], dict[str, str], str, users.User]:
     return argv, env, cwd, user
 
 
+def _set_winsize(fd: int, cols: int, rows: int) -> None:
+    import fcntl
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, _struct.pack("HHHH", rows, cols, 0, 0))
+
+
 def start(sock, reader: p.FrameReader, req: dict) -> None:  # noqa: ANN001
     """``process.start``: run a command and stream it until it ends (or the client leaves)."""
     try:
@@ -255,8 +259,14 @@ def start(sock, reader: p.FrameReader, req: dict) -> None:  # noqa: ANN001
     try:
         if pty_req:
             master, slave = os.openpty()
-            os.set_blocking(master, False)
             close_after.append(slave)
+            os.set_blocking(master, False)
+            size = pty_req.get("size") if isinstance(pty_req, dict) else None
+            size = size if isinstance(size, dict) else {}
+            try:  # before the child runs: a size set after spawn races its first look (``stty size`` saw 0 0)
+                _set_winsize(master, int(size.get("cols", 80)), int(size.get("rows", 24)))
+            except (OSError, ValueError, TypeError, OverflowError, _struct.error):
+                pass
             fds = (slave, slave, slave)
         else:
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -292,12 +302,6 @@ def start(sock, reader: p.FrameReader, req: dict) -> None:  # noqa: ANN001
         return
     for fd in close_after:
         os.close(fd)
-    if pty_req:
-        size = pty_req.get("size") or {}
-        try:
-            proc.resize(int(size.get("cols", 80)), int(size.get("rows", 24)))
-        except (OSError, ValueError):
-            pass
     me = Subscriber(sock)
     proc.subscribers.append(me)
     me.send(p.message({"event": "start", "pid": pid}))
