@@ -63,7 +63,7 @@ class ExecFastPath:
         started = time.perf_counter()
         job = None
         try:
-            headers = _Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers)
+            headers = _Headers({k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers})
             key = key_from_headers(headers, self.engine)
             sandbox_id = match.group(1)
             agent = self.gate.agent(sandbox_id, key)

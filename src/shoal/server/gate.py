@@ -13,6 +13,7 @@ use exactly one sandbox.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from shoal.engine import Engine, SandboxRecord, SandboxState
@@ -54,6 +55,8 @@ class Gate:
         self.engine = engine
         #: Traffic bookkeeping and wake-up (``engine/standby.py``); its loop is started by the app.
         self.standby = standby or Standby(engine)
+        #: A sandbox's agent socket path is a function of its id: made once, not on every call.
+        self._socket_path = functools.lru_cache(maxsize=4096)(lambda sid: str(engine.runtime.agent_socket(sid)))
 
     def record(self, sandbox_id: str, credential: Credential) -> SandboxRecord:
         """The sandbox, in any state, if ``credential`` may see it; else ``NotFound``."""
@@ -77,7 +80,7 @@ class Gate:
     def agent(self, sandbox_id: str, credential: Credential) -> AsyncAgentClient:
         """The agent of a usable sandbox (its answers are still hostile input: see ``AsyncAgentClient``)."""
         self.usable(sandbox_id, credential)
-        return TrackedAgentClient(str(self.engine.runtime.agent_socket(sandbox_id)), sandbox_id, self.standby)
+        return TrackedAgentClient(self._socket_path(sandbox_id), sandbox_id, self.standby)
 
     def explain(self, sandbox_id: str, exc: ShoalError) -> ShoalError:
         """The error to report when talking to a sandbox's agent failed with ``exc``.

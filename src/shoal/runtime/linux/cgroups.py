@@ -95,12 +95,17 @@ def usage(name: str) -> dict[str, int | None]:
 
 def oom_kills(name: str) -> int | None:
     """How many processes the OOM killer took in the sandbox so far (one file read: on every exec's path)."""
+    return _read_key(_oom_file(name), "oom_kill")
+
+
+@functools.lru_cache(maxsize=4096)
+def _oom_file(name: str) -> str:
     if mode() == "v2":
-        return _read_key(_controller_dir("", name) / "memory.events", "oom_kill")
-    return _read_key(_controller_dir("memory", name) / "memory.oom_control", "oom_kill")
+        return str(_controller_dir("", name) / "memory.events")
+    return str(_controller_dir("memory", name) / "memory.oom_control")
 
 
-def _read_key(path: Path, key: str) -> int | None:
+def _read_key(path: Path | str, key: str) -> int | None:
     """The value of ``key`` in a flat keyed file (``memory.events``, ``memory.oom_control``)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
