@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -417,3 +418,32 @@ def loop_backing_all() -> list[str]:
         except OSError:
             pass
     return out
+
+
+def test_removal_does_not_wait_forever_on_a_loop_device_on_its_way_out(engine: Engine):
+    """A removed volume's image goes even while a loop device still holds it (a sandbox being torn down,
+    or the kernel's detach after the last unmount, which takes seconds under heavy I/O): the removal
+    used to answer Conflict *after* deleting the record, leaving an image no record explained and an
+    API caller told to retry a removal that had happened. The device lets go by itself afterwards."""
+    from shoal.storage.layers import attach_loop
+
+    name = f"held-{secrets.token_hex(3)}"
+    vol = engine.volumes.create(name, 16)
+    image = engine.volumes.images.image(vol.id)
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        device, dev_fd = attach_loop(fd)  # a holder on its way out: auto-clear, gone at its last close
+    finally:
+        os.close(fd)
+    try:
+        assert loop_backing(image) == [device]
+        engine.volumes.remove(name)  # no Conflict
+        assert not image.exists()
+        assert name not in [v.name for v in engine.volumes.list()]
+        assert vol.id not in engine.volumes.images.existing()
+    finally:
+        os.close(dev_fd)
+    deadline = time.monotonic() + 10
+    while loop_backing(image) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not loop_backing(image), "the loop device outlived its last holder"

@@ -45,7 +45,7 @@ class bounded:  # noqa: N801 - used like asyncio.timeout
         task = asyncio.current_task()
         assert task is not None, "bounded() needs a task"
         self._task, self._cancelling = task, task.cancelling()
-        self._handle = asyncio.get_running_loop().call_later(self.seconds, self._expire)
+        self._handle = task.get_loop().call_later(self.seconds, self._expire)  # no second getpid()
 
     def _expire(self) -> None:
         self._expired = True

@@ -107,7 +107,7 @@ async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
         nonlocal watcher
         watcher = asyncio.ensure_future(_disconnect(receive))
         watcher.add_done_callback(disconnected)
-    timer = asyncio.get_running_loop().call_later(WATCH_AFTER, watch)
+    timer = me.get_loop().call_later(WATCH_AFTER, watch)
     try:
         return await work
     except asyncio.CancelledError:

@@ -48,6 +48,8 @@ LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
 LO_FLAGS_AUTOCLEAR = 4
 LO_FLAGS_DIRECT_IO = 16
+#: Seconds a resume waits for the loop device of its layer's last mount to be detached (see ``mount``).
+RESUME_WAIT = 2.0
 #: struct loop_config: fd, block_size, struct loop_info64 (232 bytes), 8 reserved u64.
 _LOOP_CONFIG = struct.Struct("=II" + "QQQQQIIII64s64s32sQQ" + "8Q")
 EXT4_OPTIONS = "noinit_itable,errors=remount-ro"
@@ -163,7 +165,9 @@ class WritableLayers:
         if not image.is_file():
             raise RuntimeFailure(f"the files of sandbox {sandbox_id} are gone from the host", "writable layer",
                                  sandbox_id)
-        if loop_backing(image):  # two ext4 mounts of one image would corrupt it
+        # Two ext4 mounts of one image would corrupt it. After the pause's unmount the kernel detaches the
+        # auto-clearing device on a work queue: a resume right behind it waits for that, not refuses.
+        if not loop_released(image, RESUME_WAIT):
             raise Conflict(f"the files of sandbox {sandbox_id} are still mounted (a lazy unmount has not finished)")
         self.mount_image(image, target)
 

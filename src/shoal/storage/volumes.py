@@ -21,6 +21,7 @@ sandbox made. So a symlink a sandbox leaves in a volume is never followed by the
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -28,11 +29,14 @@ from pathlib import Path
 from shoal.errors import Conflict, RuntimeFailure
 from shoal.runtime.linux import mounts
 from shoal.settings import Settings
-from shoal.storage.layers import DiskUsage, WritableLayers, loop_released
+from shoal.storage.layers import DiskUsage, WritableLayers, loop_backing, loop_released
+
+log = logging.getLogger("shoal.volumes")
 
 #: How long a mount waits for a loop device still held by a sandbox being torn down to go away.
 RELEASE_WAIT = 5.0
-#: Seconds ``remove`` waits for the loop device of a volume it just unmounted to be detached.
+#: Seconds ``remove`` waits for the loop device of a volume it just unmounted to be detached (then it
+#: removes the image anyway: see ``remove``).
 DETACH_WAIT = 2.0
 
 
@@ -78,13 +82,22 @@ class VolumeImages:
         return target
 
     def remove(self, volume_id: str) -> None:
-        """Unmount (strictly) and delete the image; ``Conflict`` if it is still mounted somewhere."""
+        """Unmount the host mount (strictly) and delete the image.
+
+        The image goes even if a loop device still holds it after ``DETACH_WAIT`` seconds. Only a volume
+        no record lists any more is removed (the caller deleted it, under the volumes lock, after checking
+        that no sandbox uses it), so the holder is on its way out: a sandbox being torn down, or the
+        kernel, which detaches an auto-clearing loop device on a work queue after the last unmount, and
+        under heavy I/O takes seconds to. Unlinked, the image can never be mounted again; the kernel frees
+        its blocks when that device lets go. Refusing instead left an image no record explained (the
+        record was gone already) until a later reconcile, and told the API caller to try again a removal
+        that had happened."""
         self.unmount(volume_id)
-        # The kernel detaches an auto-clearing loop device after the unmount returns (on a work queue):
-        # give it a moment before concluding that someone else still holds the image.
-        if not loop_released(self.image(volume_id), DETACH_WAIT):
-            raise Conflict(f"volume {volume_id} is still held by a sandbox being torn down; try again")
-        self.image(volume_id).unlink(missing_ok=True)
+        image = self.image(volume_id)
+        if not loop_released(image, DETACH_WAIT):
+            log.info("volume %s: image removed while a loop device still holds it (%s)", volume_id,
+                     ", ".join(loop_backing(image)))
+        image.unlink(missing_ok=True)
 
     # --- mounting ----------------------------------------------------------------------------
     def is_mounted(self, volume_id: str) -> bool:
