@@ -105,3 +105,30 @@ def test_every_surface_refuses_a_failed_sandbox_alike(daemon, api, engine):
             assert "failed" in message and "agent" in message, (surface, message)
     finally:
         api.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_the_exec_fast_path_answers_an_unexpected_failure_with_json(engine, new_sandbox, monkeypatch):
+    """The fast path sits in front of FastAPI (``app.create_asgi``), outside the app's handler of last
+    resort: a bug on its path must still be a JSON 500 ``internal``, never a traceback or a bare text 500."""
+    import asyncio
+
+    from shoal.server.app import create_asgi
+    from shoal.server.daemon import ensure_local_key
+
+    sid = new_sandbox()
+    asgi = create_asgi(engine)
+    key = ensure_local_key(engine)
+    gate = asgi.app.gate  # the fast path's gate: the app's one
+
+    def broken(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(gate, "agent", broken)
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return await client.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": ["true"]},
+                                     headers={"Authorization": f"Bearer {key}"})
+    r = asyncio.run(call())
+    assert r.status_code == 500, r.text
+    assert r.json() == {"code": "internal", "message": "internal error: ZeroDivisionError"}

@@ -77,7 +77,6 @@ def create_app(engine: Engine) -> FastAPI:
     tokens = Tokens(engine.settings.state_dir)
     app.state.port_access = PortAccess(engine, tokens, options)
     errors.install(app)
-    app.add_middleware(ExecFastPath, gate=gate, metrics=app.state.metrics)
     for module in (system, sandboxes, processes, files, pty, volumes):
         app.include_router(module.router)
     from shoal.server.routes import networks, ports, snapshots  # private networks; ports; snapshots and fork
@@ -98,10 +97,12 @@ def create_app(engine: Engine) -> FastAPI:
 
 
 def create_asgi(engine: Engine) -> SandboxRouting:
-    """What the daemon serves: ``create_app`` behind ``SandboxRouting``, which sends traffic addressed
-    to a sandbox (``Host: <port>-<id>.<domain>``, or the E2B wing's headers) to the wing's envd or
-    code interpreter, or to the port proxy; everything else reaches the app untouched. All share
-    ``engine``, so a sandbox is the same through every API."""
+    """What the daemon serves: ``create_app`` behind the exec fast path (``fastpath.py``, in front of
+    FastAPI's own middleware, which a plain exec does not need) behind ``SandboxRouting``, which sends
+    traffic addressed to a sandbox (``Host: <port>-<id>.<domain>``, or the E2B wing's headers) to the
+    wing's envd or code interpreter, or to the port proxy; everything else reaches the app untouched.
+    All share ``engine``, so a sandbox is the same through every API."""
     app = create_app(engine)
+    front = ExecFastPath(app, gate=app.state.gate, metrics=app.state.metrics)
     proxy = PortProxy(app.state.gate, app.state.port_access)
-    return SandboxRouting(app, proxy, wings=(app.state.e2b,))
+    return SandboxRouting(front, proxy, wings=(app.state.e2b,))

@@ -6,10 +6,13 @@ exactly the non-streamed, foreground exec with the same validation (the pydantic
 same auth, the same errors and the same JSON as the FastAPI route (which still serves every
 other variant and documents the endpoint in OpenAPI); anything else passes through untouched.
 How the output is bounded, encoded and abandoned is ``plain_exec.py``, shared with that route.
+It sits in front of the FastAPI app (``app.create_asgi``), not inside its middleware stack, so it
+answers an unexpected failure with the same JSON 500 as the app's handler of last resort.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
@@ -22,6 +25,7 @@ from shoal.server.models import ExecRequest
 from shoal.server.plain_exec import PlainExec, send_result
 from shoal.server.routes.processes import _start_request
 
+log = logging.getLogger("shoal.server")
 _EXEC = re.compile(r"^/v1/sandboxes/([^/]+)/exec$")
 _STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson")
 MAX_BODY = 1024 * 1024
@@ -62,6 +66,7 @@ class ExecFastPath:
             return await self._replay(scope, body, receive, send)
         started = time.perf_counter()
         job = None
+        answered = False
         try:
             headers = _Headers({k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers})
             key = key_from_headers(headers, self.engine)
@@ -73,10 +78,16 @@ class ExecFastPath:
             if result is None:  # the caller went away; its agent connection is closed already
                 return None
             self.metrics.exec_seconds.observe(time.perf_counter() - started)
+            answered = True
             await send_result(send, result)
         except ShoalError as exc:
             exc = self.gate.explain(match.group(1), exc)
             return await send_json(send, exc.status, exc.to_dict())
+        except Exception as exc:  # noqa: BLE001 - in front of FastAPI: its handler of last resort is not here
+            if answered:
+                raise  # the answer had begun: uvicorn cuts the connection
+            log.exception("unexpected error")
+            return await send_json(send, 500, {"code": "internal", "message": f"internal error: {type(exc).__name__}"})
         finally:
             if job is not None:
                 job.release()
