@@ -10,7 +10,7 @@ and every wait for an answer is bounded: connecting and the first reply within `
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 from shoal.agent import protocol as p
 from shoal.errors import AgentUnavailable, NotFound, RuntimeFailure
@@ -196,10 +196,14 @@ class AsyncAgentClient:
         finally:
             conn.close()
 
-    async def start(self, request: dict) -> AsyncProcessStream:
-        """``request`` is a ``process.start`` body (cmd, env, cwd, user, timeout, stdin, pty, tag)."""
+    async def start(self, request: dict, before: Callable[[], object] | None = None) -> AsyncProcessStream:
+        """``request`` is a ``process.start`` body (cmd, env, cwd, user, timeout, stdin, pty, tag).
+        ``before`` runs once the agent's connection is open and before the request is sent: work that must
+        precede the process (a plain exec's OOM count) then overlaps the agent's own accept."""
         conn = await self.connect()
         try:
+            if before is not None:
+                before()
             first = await conn.handshake({**request, "op": "process.start"})
             return AsyncProcessStream(conn, _pid(first, self.sandbox_id))
         except BaseException:

@@ -47,9 +47,14 @@ class PlainExec:
     def __init__(self, oom_kills: Callable[[], int | None] | None = None) -> None:
         cap = max_output()
         self.out, self.err = CappedOutput(cap, BUDGET), CappedOutput(cap, BUDGET)
-        #: the sandbox's OOM kill count, read before the command starts and again if it ends by SIGKILL
+        #: the sandbox's OOM kill count, read before the command starts (``count_oom_kills``, handed to
+        #: ``AsyncAgentClient.start`` as its ``before``) and again if it ends by SIGKILL
         self._oom_kills = oom_kills
-        self._oom_before = oom_kills() if oom_kills else None
+        self._oom_before: int | None = None
+
+    def count_oom_kills(self) -> None:
+        if self._oom_kills is not None:
+            self._oom_before = self._oom_kills()
 
     async def run(self, agent: AsyncAgentClient, start: dict, stdin: bytes | None, close_stdin: bool,
                   receive: Receive) -> ExecResult | None:
@@ -57,7 +62,7 @@ class PlainExec:
         return await unless_disconnected(self._run(agent, start, stdin, close_stdin), receive)
 
     async def _run(self, agent: AsyncAgentClient, start: dict, stdin: bytes | None, close_stdin: bool) -> ExecResult:
-        stream = await agent.start(start)
+        stream = await agent.start(start, before=self.count_oom_kills)
         try:
             if stdin is not None:
                 await stream.send_stdin(stdin)

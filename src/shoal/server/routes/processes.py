@@ -45,8 +45,8 @@ async def _events(stream: AsyncProcessStream) -> AsyncIterator[dict]:
 async def exec_command(body: ExecRequest, request: Request, agent: AsyncAgentClient = Depends(running_agent)):
     started = time.perf_counter()
     runtime = request.app.state.engine.runtime
-    job = PlainExec(lambda: runtime.oom_kills(agent.sandbox_id))  # bounded output; counts OOM kills from here
-    stream = await agent.start(_start_request(body))
+    job = PlainExec(lambda: runtime.oom_kills(agent.sandbox_id))  # bounded output; counts OOM kills from the start
+    stream = await agent.start(_start_request(body), before=job.count_oom_kills)
     if body.stdin is not None:
         await stream.send_stdin(body.stdin.encode())
         if not body.stdin_open:
