@@ -566,6 +566,7 @@ class Engine:
                 self.network.reconcile(lambda: {rec.id for rec in self.store.all()})  # read after the slots
             self.volumes.reconcile()  # orphaned images and mounts go, live sandboxes' volumes are mounted
             self.snapshots.reconcile()  # no sandbox left frozen, no half or unused snapshot kept
+            self.runtime.prune()  # what an upgrade left: the old agent runtime, on disk and mounted
         return cleaned
 
     def _finish_stop(self, rec: SandboxRecord) -> None:

@@ -18,17 +18,22 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from shoal.errors import RuntimeFailure
 from shoal.runtime.linux import mounts
 from shoal.settings import Settings
 
+log = logging.getLogger("shoal.agent_runtime")
+#: One build at a time in this process (``ensure``; the flock covers other processes).
+_build_lock = threading.Lock()
 #: Where the runtime appears inside every sandbox.
 MOUNT_POINT = "/.shoal"
 _AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
@@ -88,24 +93,40 @@ def agent_command() -> list[str]:
             "from shoal.agent.main import main; main()"]
 
 
+def _complete(root: Path) -> bool:
+    """Whether a built runtime has what PID 1 needs: its marker (written last), loader and interpreter."""
+    return all((root / part).exists() for part in
+               ("READY", "lib/ld.so", f"python/bin/{python_version_dir()}", "python/lib"))
+
+
 def ensure(settings: Settings) -> Path:
-    """The runtime directory for this interpreter and agent, built on first use."""
+    """The runtime directory for this interpreter and agent, built on first use.
+
+    One builder at a time, across threads (the daemon creates sandboxes concurrently) and processes (a
+    flock): two builders once shared a temporary directory within one process, and one's clean-up left
+    the other's rename a runtime marked ready without its ``lib/``. A tree found incomplete is rebuilt."""
     target = settings.agent_runtime_dir / _digest()
-    if (target / "READY").exists():
+    if _complete(target):
         return target
     settings.agent_runtime_dir.mkdir(parents=True, exist_ok=True)
-    tmp = settings.agent_runtime_dir / f".build-{os.getpid()}-{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _build(tmp)
-        (tmp / "READY").write_text(_digest() + "\n")
+    with _build_lock:
+        fd = os.open(settings.agent_runtime_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race: theirs is identical
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _complete(target):  # built by another thread or process meanwhile
+                return target
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete tree (see above)
+            tmp = settings.agent_runtime_dir / f".build-{os.getpid()}-{target.name}"
             shutil.rmtree(tmp, ignore_errors=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeFailure(f"cannot build the agent runtime: {exc}", step="agent-runtime") from exc
+            try:
+                _build(tmp)
+                (tmp / "READY").write_text(_digest() + "\n")
+                os.rename(tmp, target)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RuntimeFailure(f"cannot build the agent runtime: {exc}", step="agent-runtime") from exc
+        finally:
+            os.close(fd)
     return target
 
 
@@ -120,16 +141,18 @@ def mounted(settings: Settings) -> Path:
     source = ensure(settings)
     base = settings.run_dir / "agent-runtime"
     point = base / source.name
-    if (point / "READY").exists():
+    if _complete(point):
         return point
     base.mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o711)
     fd = os.open(base / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if (point / "READY").exists():  # another process mounted it meanwhile
+        if _complete(point):  # another process mounted it meanwhile
             return point
         point.mkdir(exist_ok=True)
+        if mounts.is_mounted(point):  # an incomplete copy (of an incomplete build): made again
+            mounts.umount(point)
         if not mounts.is_mounted(point):
             size = sum(f.stat().st_size for f in source.rglob("*") if f.is_file() and not f.is_symlink())
             mounts.mount("shoal-agent-runtime", point, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
@@ -145,6 +168,34 @@ def mounted(settings: Settings) -> Path:
     finally:
         os.close(fd)
     return point
+
+
+def prune(settings: Settings) -> list[str]:
+    """Remove the runtimes of other interpreter or agent versions (each upgrade leaves the old one: ~30 MiB
+    on disk and, mounted, as much RAM). Sandboxes still running on an old one lose nothing: each has its
+    own bind of the tmpfs in its mount namespace, which outlives the host's mount. Returns what went."""
+    current = _digest()
+    removed = []
+    base = settings.run_dir / "agent-runtime"
+    for root, mounted_copy in ((base, True), (settings.agent_runtime_dir, False)):
+        try:
+            entries = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for e in entries:
+            if e.name == current or e.name.startswith("."):  # ours, or a build in progress
+                continue
+            try:
+                if mounted_copy:
+                    mounts.umount(e.path)  # lazily if busy (a host process inside it)
+                    os.rmdir(e.path)
+                else:
+                    shutil.rmtree(e.path)
+            except OSError as exc:
+                log.warning("cannot remove an old agent runtime %s: %s", e.path, exc)
+                continue
+            removed.append(e.path)
+    return removed
 
 
 def _module_files() -> tuple[Path, list[Path]]:

@@ -101,5 +101,8 @@ class Runtime(Protocol):
         """True if anything of a stopped sandbox but its kept files is on the host."""
         return True
 
+    def prune(self) -> None:
+        """Remove host state an upgrade left behind (reconcile calls it)."""
+
     def disk_usage(self, sandbox_id: str) -> object | None:
         """Used/total bytes of the mounted writable layer (``.used``, ``.total``), or ``None``."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import shutil
 import socket
@@ -37,6 +38,9 @@ from shoal.storage.layers import DiskUsage, WritableLayers
 from shoal.storage.mount_points import symlink_on_path
 
 INSTANCE_MARK = "instance"
+
+
+log = logging.getLogger("shoal.runtime")
 
 
 class LinuxRuntime:
@@ -256,6 +260,11 @@ class LinuxRuntime:
         """Free the user namespaces and mounted layers this process keeps ready (also done at exit)."""
         self.userns_pool.close()
         self.layers.ready.close()
+
+    def prune(self) -> None:
+        """The agent runtimes of other versions (``agent_runtime.prune``)."""
+        for path in agent_runtime.prune(self.settings):
+            log.info("old agent runtime removed: %s", path)
 
     def has_leftovers(self, sandbox_id: str) -> bool:
         """Whether anything of the sandbox but its kept files is on the host (a bundle, crun's state, a
