@@ -391,6 +391,8 @@ def _pump(proc: Process, me: Subscriber, reader: p.FrameReader, outputs: dict[in
                             poller.modify(fd, interest(fd))
                         else:
                             poller.unregister(fd)
+                        if fd != proc.pty:  # a pipe at EOF is done (the PTY master is closed below)
+                            os.close(fd)
                 elif fd == proc.status_r:
                     try:
                         os.read(fd, 4096)
