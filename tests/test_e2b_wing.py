@@ -45,27 +45,35 @@ def test_kernel_server_lives_inside_and_is_stdlib_plus_jupyter_client() -> None:
             assert name.split(".")[0] in allowed, f"kernel_server imports {name}: not stdlib"
 
 
+def _fastapi(routing):  # noqa: ANN001, ANN202
+    """The FastAPI app behind the routing: only the exec fast path sits between them (``app.create_asgi``)."""
+    from fastapi import FastAPI
+
+    from shoal.server.fastpath import ExecFastPath
+    assert isinstance(routing.app, ExecFastPath) and isinstance(routing.app.app, FastAPI)
+    return routing.app.app
+
+
 def test_wing_is_made_once_per_app_and_nothing_hangs_on_the_engine(engine: Engine) -> None:
     from shoal.server.app import create_asgi
     first, second = create_asgi(engine), create_asgi(engine)
     assert not [name for name in vars(engine) if "e2b" in name.lower()]
     for routing in (first, second):
-        state = routing.app.state
+        state = _fastapi(routing).state
         assert routing.wings == (state.e2b,)
+        assert routing.app.gate is state.gate  # the fast path's gate is the app's one
         assert state.e2b.tokens is state.port_access.tokens  # one token check, passed in
         assert state.e2b.options is state.port_access.options  # one options store
         assert state.e2b.envd.tokens is state.e2b.tokens and state.e2b.interpreter.tokens is state.e2b.tokens
-    assert first.app.state.e2b is not second.app.state.e2b
+    assert _fastapi(first).state.e2b is not _fastapi(second).state.e2b
 
 
 def test_native_requests_pass_through_no_e2b_wrapper(engine: Engine) -> None:
-    """The routing hands non-sandbox traffic straight to the FastAPI app; signed URLs are its ``/files`` route."""
-    from fastapi import FastAPI
-
+    """The routing hands non-sandbox traffic to the exec fast path, which passes all but a plain exec
+    straight to the FastAPI app; signed URLs are its ``/files`` route."""
     from shoal.server.app import create_asgi
-    routing = create_asgi(engine)
-    assert isinstance(routing.app, FastAPI)
-    e2b_routes = [r for r in routing.app.routes if getattr(r, "app", None) is routing.app.state.e2b.signed_files]
+    app = _fastapi(create_asgi(engine))
+    e2b_routes = [r for r in app.routes if getattr(r, "app", None) is app.state.e2b.signed_files]
     assert [r.path for r in e2b_routes] == ["/files"]
 
 
