@@ -7,7 +7,6 @@ pyenv's, and the sandbox sees only that interpreter, its libraries and the agent
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,19 +15,15 @@ import pytest
 from shoal.runtime import agent_runtime
 
 
-def _links_libpython(binary: Path) -> bool:
-    return "libpython" in subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
-
-
 def test_the_agent_runs_on_a_static_interpreter_when_the_host_has_one(engine, agent):
     """This host's distribution has ``/usr/bin/python3.X`` of the daemon's version (``scripts/install.sh``
     installs it): the agent runs on it even though the daemon's venv may be a shared-libpython build."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     system = Path("/usr/bin") / version
-    if not system.exists() or _links_libpython(system):
+    if not system.exists() or agent_runtime._links_libpython(system):
         pytest.skip(f"no statically linked {system} on this host")
     chosen = agent_runtime.agent_python()
-    assert not _links_libpython(chosen), chosen
+    assert not agent_runtime._links_libpython(chosen), chosen
     runtime = engine.runtime.runtime_dir()
     assert not list((runtime / "lib").glob("libpython*")), sorted(p.name for p in (runtime / "lib").iterdir())
     r = agent.run(["/.shoal/lib/ld.so", "--library-path", "/.shoal/lib", f"/.shoal/python/bin/{version}", "-S",

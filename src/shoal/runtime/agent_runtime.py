@@ -41,10 +41,6 @@ _AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
 _LAZY_IMPORTS = "import ctypes, fcntl, termios, binascii, base64, struct, select, _posixsubprocess, _json, _socket"
 
 
-def _python() -> Path:
-    return agent_python()
-
-
 def _links_libpython(binary: Path) -> bool:
     out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
     return "libpython" in out
@@ -72,7 +68,7 @@ def agent_python() -> Path:
 
 def _digest() -> str:
     h = hashlib.sha256()
-    py = _python()
+    py = agent_python()
     h.update(str(py).encode())
     h.update(str(py.stat().st_mtime_ns).encode())
     for f in sorted(_AGENT_DIR.glob("*.py")):
@@ -120,7 +116,7 @@ def ensure(settings: Settings) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 _build(tmp)
-                (tmp / "READY").write_text(_digest() + "\n")
+                (tmp / "READY").write_text(target.name + "\n")  # the digest, as named above
                 os.rename(tmp, target)
             except (OSError, subprocess.CalledProcessError) as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -205,7 +201,8 @@ def _module_files() -> tuple[Path, list[Path]]:
     code = (f"import sys, os; sys.path.insert(0, {src!r}); import shoal.agent.main; {_LAZY_IMPORTS}; "
             "print(os.path.dirname(os.__file__)); "
             "print('\\n'.join(sorted({getattr(m, '__file__', None) or '' for m in list(sys.modules.values())})))")
-    out = subprocess.run([str(_python()), "-S", "-I", "-c", code], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([str(agent_python()), "-S", "-I", "-c", code], check=True, capture_output=True,
+                         text=True).stdout
     stdlib, *files = out.splitlines()
     return Path(stdlib), [Path(line) for line in files if line and not line.startswith(src)]
 
@@ -233,7 +230,7 @@ def _build(root: Path) -> None:
     (root / "python" / "bin").mkdir(parents=True)
     (root / "lib").mkdir()
     pylib.mkdir(parents=True)
-    shutil.copy2(_python(), root / "python" / "bin" / python_version_dir())
+    shutil.copy2(agent_python(), root / "python" / "bin" / python_version_dir())
     files = set(imported) | {stdlib / "os.py"}  # os.py is the landmark that locates the stdlib
     files |= set((stdlib / "encodings").glob("*.py"))
     extensions: list[Path] = []
@@ -252,11 +249,11 @@ def _build(root: Path) -> None:
     (pylib / "shoal" / "__init__.py").write_text('"""Only the agent lives in the sandbox runtime."""\n')
     for f in _AGENT_DIR.glob("*.py"):
         shutil.copy2(f, agent_pkg / f.name)
-    libs, loader = _libraries([_python(), *extensions])
+    libs, loader = _libraries([agent_python(), *extensions])
     for lib in libs:
         shutil.copy2(os.path.realpath(lib), root / "lib" / lib.name)
     shutil.copy2(os.path.realpath(loader), root / "lib" / "ld.so")
-    subprocess.run([str(_python()), "-m", "compileall", "-q", "-j", "0", "-d",
+    subprocess.run([str(agent_python()), "-m", "compileall", "-q", "-j", "0", "-d",
                     f"{MOUNT_POINT}/python/lib/{python_version_dir()}", str(pylib)],
                    check=True, capture_output=True)
     for path in [root, *root.rglob("*")]:
